@@ -1,0 +1,133 @@
+"""VAE decoder: latents (B, 4, H/8, W/8) -> image (B, 3, H, W) in [-1, 1].
+
+Also holds the VAE building blocks the encoder shares. Names mirror the original
+`first_stage_model.decoder.*` keys (`up.N.block.M`, `mid.attn_1`, `nin_shortcut`, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import multihead_attention
+from .config import VAEConfig
+
+
+def vae_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
+        super().__init__()
+        self.norm1 = vae_norm(in_channels, groups)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = vae_norm(out_channels, groups)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = (
+            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels. q/k/v/proj_out are 1x1 convs, as in the original
+    file (diffusers stores the same numbers as linear layers)."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm = vae_norm(channels, groups)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+
+        def project(conv: nn.Conv2d) -> torch.Tensor:
+            # A 1x1 conv on (B, C, H, W) is a linear map on (B, HW, C).
+            return F.linear(tokens, conv.weight.flatten(1), conv.bias)
+
+        out = multihead_attention(project(self.q), project(self.k), project(self.v), heads=1)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class MidBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DecoderLevel(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, upsample: bool):
+        super().__init__()
+        channels = [in_channels] + [out_channels] * num_blocks
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(channels, channels[1:]))
+        if upsample:
+            self.upsample = Upsample(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.upsample(x) if hasattr(self, "upsample") else x
+
+
+class VAEDecoderNet(nn.Module):
+    """The original `Decoder`: conv_in, mid, up levels (coarsest first at run time), norm_out, conv_out."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_mult]
+        groups = config.norm_groups
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], groups)
+        # up[i] works at level i's resolution, as in the original file; it runs from the last level down.
+        self.up = nn.ModuleList(
+            DecoderLevel(
+                widths[min(i + 1, len(widths) - 1)], widths[i], config.num_res_blocks + 1, groups, i > 0
+            )
+            for i in range(len(widths))
+        )
+        self.norm_out = vae_norm(widths[0], groups)
+        self.conv_out = nn.Conv2d(widths[0], config.in_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """`decoder(latents)`: scaled latents -> image in about [-1, 1] (undoes the scaling factor itself)."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.decoder = VAEDecoderNet(config)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latents / self.config.scaling_factor))

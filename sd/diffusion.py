@@ -1,0 +1,49 @@
+"""The diffusion model: sinusoidal time embedding (320 -> 1280) feeding the U-Net.
+
+`diffusion(latents, context, timestep)` predicts the noise in `latents` at `timestep`, conditioned
+on the text `context`. Its state dict is the original `model.diffusion_model.*` with the prefix
+stripped (time_embed.*, input_blocks.*, middle_block.*, output_blocks.*, out.*).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import UNetConfig
+from .unet import UNet
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """(B,) timesteps -> (B, dim) float32 [cos | sin] features over geometric frequencies.
+
+    Same order (cos first) and float32 arithmetic as the original and as diffusers with
+    flip_sin_to_cos=True, freq_shift=0, so the two agree bit for bit.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+    args = timesteps[:, None].float() * freqs.to(timesteps.device)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Diffusion(UNet):
+    """U-Net plus its time embedding MLP."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        self.time_embed = nn.Sequential(
+            nn.Linear(config.model_channels, config.time_embed_dim),
+            nn.SiLU(),
+            nn.Linear(config.time_embed_dim, config.time_embed_dim),
+        )
+
+    def forward(  # type: ignore[override]
+        self, latents: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor | float | int
+    ) -> torch.Tensor:
+        """latents (B, 4, h, w), context (B, 77, 768), timestep scalar or (B,) -> noise (B, 4, h, w)."""
+        t = torch.as_tensor(timestep, device=latents.device)
+        t = t.reshape(-1).expand(latents.shape[0])
+        features = timestep_embedding(t, self.config.model_channels).to(latents.dtype)
+        return super().forward(latents, self.time_embed(features), context)
