@@ -6,6 +6,8 @@ Also holds the VAE building blocks the encoder shares. Names mirror the original
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,7 +86,7 @@ class DecoderLevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, upsample: bool):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(channels, channels[1:]))
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in pairwise(channels))
         if upsample:
             self.upsample = Upsample(out_channels)
 

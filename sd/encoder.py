@@ -6,6 +6,7 @@ Names mirror the original `first_stage_model.encoder.*` / `quant_conv` keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class EncoderLevel(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, downsample: bool):
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(channels, channels[1:]))
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in pairwise(channels))
         if downsample:
             self.downsample = Downsample(out_channels)
 
