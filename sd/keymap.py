@@ -68,6 +68,14 @@ def split_ldm_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def ldm_key(component: str, key: str) -> str:
+    """Inverse of split_ldm_key: (our component, key in its state_dict) -> original checkpoint key."""
+    for ldm_prefix, our_prefix in LDM_COMPONENT_PREFIXES[component]:
+        if key.startswith(our_prefix):
+            return ldm_prefix + key[len(our_prefix) :]
+    raise KeyError(f"{component} has no original-checkpoint name for {key!r}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Rename tables: (diffusers module name, LDM module name, parameter suffixes). "" as a module name means the
 # prefix itself is the module; "" as a suffix means the module name is the whole key (a buffer).

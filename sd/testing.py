@@ -12,15 +12,8 @@ import torch
 from torch import nn
 
 from .config import SD15, ModelConfig
+from .keymap import ldm_key
 from .models import build_models
-
-# Original checkpoint prefix of each component's state dict.
-LDM_PREFIX = {
-    "clip": "cond_stage_model.transformer.",
-    "encoder": "first_stage_model.",
-    "decoder": "first_stage_model.",
-    "diffusion": "model.diffusion_model.",
-}
 
 
 @torch.no_grad()
@@ -49,4 +42,4 @@ def random_models(config: ModelConfig = SD15, seed: int = 0) -> dict[str, nn.Mod
 
 def ldm_state_dict(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Merge component state dicts into one original-layout (LDM) state dict."""
-    return {LDM_PREFIX[name] + k: v for name, model in models.items() for k, v in model.state_dict().items()}
+    return {ldm_key(name, k): v for name, model in models.items() for k, v in model.state_dict().items()}
