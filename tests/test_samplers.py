@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,8 @@ from torch import Tensor
 from sd.config import ScheduleConfig
 from sd.ddpm import ddpm_sampler
 from sd.samplers import ALIASES, KARRAS_SAMPLERS, SAMPLERS, Sampler, get_sampler
+
+from conftest import REFERENCE_DIR
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -43,7 +44,7 @@ CONFIGS = {
     "scheduler": {"_class_name": "PNDMScheduler", **SD15_SCHEDULER_CONFIG, "skip_prk_steps": True},
     "scheduler_ddim": {"_class_name": "DDIMScheduler", **SD15_SCHEDULER_CONFIG},
 }
-REFERENCE_CONFIGS = Path("/work/shared/reference/sd15-diffusers-configs.json")
+REFERENCE_CONFIGS = REFERENCE_DIR / "sd15-diffusers-configs.json"
 SHAPE = (1, 4, 8, 8)
 RTOL = 1e-5  # max |ours - diffusers| relative to max |diffusers|, per latent
 

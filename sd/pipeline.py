@@ -1,0 +1,369 @@
+"""Text-to-image and image-to-image generation.
+
+`Pipeline` is the friendly object (PIL in, PIL out); `generate()` is the seed's function, kept with its
+signature. Both run the same denoising loop, written once as a generator (`Pipeline.denoise`) that
+yields after every model call, so progress bars, previews and cancellation need no plumbing.
+
+Reproducibility follows diffusers' StableDiffusion(Img2Img)Pipeline: the same CPU generator, the same
+order of random draws (img2img: the VAE sample, then the noise), the same shapes and dtypes, guidance
+as uncond + scale * (cond - uncond) with the negative prompt first in the batch, and the decoded image
+rounded to uint8.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .checkpoints import find_checkpoint, missing_checkpoint_message, model_hash
+from .config import ModelConfig, ScheduleConfig
+from .images import pil_to_tensor, tensor_to_uint8, to_rgb
+from .params import GenerationParams
+from .samplers import Sampler, get_sampler
+from .tokenizer import CLIPTokenizer
+
+log = logging.getLogger("sd")
+
+MIN_SIZE, MAX_SIZE = 64, 2048
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model call of the denoising loop: `index` of `total`, at U-Net `timestep`."""
+
+    index: int
+    total: int
+    timestep: float
+    latents: torch.Tensor
+
+
+StepCallback = Callable[[Step], None]
+
+
+def check_size(width: int, height: int, multiple: int = 8) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value % multiple or not MIN_SIZE <= value <= MAX_SIZE:
+            raise ValueError(
+                f"{name} must be a multiple of {multiple} between {MIN_SIZE} and {MAX_SIZE}, got {value}"
+            )
+
+
+def check_settings(steps: int, cfg_scale: float, strength: float | None = None) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not np.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"CFG scale must be a number >= 0, got {cfg_scale}")
+    if strength is not None and not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+
+
+def new_seed() -> int:
+    return random.SystemRandom().randrange(2**32)
+
+
+class Pipeline:
+    """SD1.x generation over the four components (`models` as returned by `sd.load_models`)."""
+
+    def __init__(
+        self,
+        models: dict[str, nn.Module],
+        tokenizer: CLIPTokenizer | None = None,
+        device: torch.device | str = "cpu",
+        idle_device: torch.device | str | None = None,
+        schedule: ScheduleConfig | None = None,
+        model_name: str | None = None,
+        model_hash: str | None = None,
+    ):
+        self.models = models
+        self.tokenizer = tokenizer or CLIPTokenizer()
+        self.device = torch.device(device)
+        self.idle_device = torch.device(idle_device) if idle_device is not None else None
+        self.config = ModelConfig(
+            clip=models["clip"].config,
+            vae=models["decoder"].config,
+            unet=models["diffusion"].config,
+            schedule=schedule or ScheduleConfig(),
+        )
+        self.dtype = next(models["diffusion"].parameters()).dtype
+        self.model_name = model_name
+        self.model_hash = model_hash
+        for model in models.values():
+            model.to(self.idle_device or self.device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        idle_device: torch.device | str | None = None,
+    ) -> Pipeline:
+        """Load a checkpoint (found as `sd.checkpoints.find_checkpoint` says when `path` is None)."""
+        from .weights import load_models
+
+        found = find_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(missing_checkpoint_message())
+        models = load_models(found, device="cpu", dtype=dtype)
+        return cls(
+            models,
+            device=device,
+            idle_device=idle_device,
+            model_name=found.stem,
+            model_hash=model_hash(found),
+        )
+
+    # --- components -------------------------------------------------------------------------------
+
+    def _use(self, name: str) -> nn.Module:
+        return self.models[name].to(self.device)
+
+    def _release(self, name: str) -> None:
+        if self.idle_device is not None:
+            self.models[name].to(self.idle_device)
+
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompt: str, negative_prompt: str, guided: bool, clip_skip: int = 1
+    ) -> torch.Tensor:
+        """(2 or 1, 77, width) text context: [negative, prompt] under guidance, else [prompt]."""
+        dropped = self.tokenizer.truncated_part(prompt)
+        if dropped:
+            log.warning("prompt is longer than 75 tokens; this part is ignored: %r", dropped)
+        texts = [negative_prompt, prompt] if guided else [prompt]
+        ids = self.tokenizer.batch_encode_plus(texts, padding="max_length", max_length=77).input_ids
+        clip = self._use("clip")
+        context = clip(torch.tensor(ids, device=self.device), clip_skip=clip_skip)
+        self._release("clip")
+        return context
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents of `image`, sampled from the VAE's distribution with `generator`."""
+        pixels = pil_to_tensor(image).to(self.device, self.dtype)
+        encoder = self._use("encoder")
+        latents = encoder.encode(pixels).sample(generator) * self.config.vae.scaling_factor
+        self._release("encoder")
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> (B, H, W, 3) uint8."""
+        decoder = self._use("decoder")
+        images = decoder(latents.to(self.dtype))
+        self._release("decoder")
+        return tensor_to_uint8(images)
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        sampler: Sampler,
+        cfg_scale: float,
+        generator: torch.Generator,
+        start: int = 0,
+    ) -> Iterator[Step]:
+        """Run `sampler` from model call `start`, yielding a Step after each call (the last: the result)."""
+        unet = self._use("diffusion")
+        guided = cfg_scale > 1.0
+        batch = latents.shape[0]
+        # One context row per image: [negatives..., prompts...] under guidance.
+        if guided:
+            context = torch.cat([context[:1].expand(batch, -1, -1), context[1:].expand(batch, -1, -1)])
+        else:
+            context = context.expand(batch, -1, -1)
+
+        # Grad mode is switched off inside eps() only: a `with` around the yields would leak into the
+        # caller's code between steps.
+        @torch.no_grad()
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x_in = torch.cat([x, x]) if guided else x
+            out = unet(x_in.to(self.dtype), context, t).to(x.dtype)
+            if not guided:
+                return out
+            uncond, cond = out.chunk(2)
+            return uncond + cfg_scale * (cond - uncond)
+
+        total = len(sampler.timesteps)
+        for index, x in sampler.sample(eps, latents, generator=generator, start=start):
+            yield Step(index, total, float(sampler.timesteps[index]), x)
+        self._release("diffusion")
+
+    # --- user-facing ------------------------------------------------------------------------------
+
+    def _run(
+        self,
+        params: GenerationParams,
+        num_images: int,
+        eta: float,
+        callback: StepCallback | None,
+        image: Image.Image | None = None,
+    ) -> list[Image.Image]:
+        check_size(params.width, params.height, self.config.vae.downscale)
+        check_settings(params.steps, params.cfg_scale, params.strength)
+        if num_images < 1:
+            raise ValueError(f"number of images must be at least 1, got {num_images}")
+        sampler = get_sampler(params.sampler, params.steps, self.config.schedule, params.karras, eta)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        guided = params.cfg_scale > 1.0
+        context = self.encode_prompt(params.prompt, params.negative_prompt, guided, params.clip_skip)
+
+        down = self.config.vae.downscale
+        shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
+        start = 0
+        if image is None:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+            latents = noise.to(self.device) * sampler.init_noise_sigma
+        else:
+            start = sampler.start_index(params.strength)
+            resized = (
+                image
+                if image.size == (params.width, params.height)
+                else image.resize((params.width, params.height), Image.Resampling.LANCZOS)
+            )
+            clean = self.encode_image(resized, generator).float().expand(num_images, -1, -1, -1)
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+            latents = sampler.add_noise(clean, noise, start)
+
+        step = None
+        for step in self.denoise(latents, context, sampler, params.cfg_scale, generator, start):
+            if callback is not None:
+                callback(step)
+        pixels = self.decode(step.latents)
+        return [self._with_params(Image.fromarray(p), params, i) for i, p in enumerate(pixels)]
+
+    def _with_params(self, image: Image.Image, params: GenerationParams, index: int) -> Image.Image:
+        # Images of one batch share a seed; A1111 writes the same. The text travels in image.info.
+        params = replace(params, model=self.model_name, model_hash=self.model_hash)
+        image.info["parameters"] = params.to_text()
+        image.info["batch_index"] = index
+        return image
+
+    def txt2img(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        width: int = 512,
+        height: int = 512,
+        steps: int = 25,
+        cfg_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        karras: bool = False,
+        eta: float = 0.0,
+        seed: int | None = None,
+        num_images: int = 1,
+        clip_skip: int = 1,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Images for `prompt`; each PIL image carries its generation parameters in `image.info`."""
+        params = GenerationParams(
+            prompt,
+            negative_prompt,
+            steps,
+            sampler,
+            karras,
+            cfg_scale,
+            new_seed() if seed is None else seed,
+            width,
+            height,
+            None,
+            clip_skip,
+        )
+        return self._run(params, num_images, eta, callback)
+
+    def img2img(
+        self,
+        image: Image.Image,
+        prompt: str,
+        negative_prompt: str = "",
+        strength: float = 0.8,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 25,
+        cfg_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        karras: bool = False,
+        eta: float = 0.0,
+        seed: int | None = None,
+        num_images: int = 1,
+        clip_skip: int = 1,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Re-imagine `image`; `strength` 1.0 ignores it, small values keep it. Size defaults to the
+        image's, rounded down to a multiple of 8 (as diffusers does)."""
+        image = to_rgb(image)
+        down = self.config.vae.downscale
+        width = width or image.width - image.width % down
+        height = height or image.height - image.height % down
+        params = GenerationParams(
+            prompt,
+            negative_prompt,
+            steps,
+            sampler,
+            karras,
+            cfg_scale,
+            new_seed() if seed is None else seed,
+            width,
+            height,
+            strength,
+            clip_skip,
+        )
+        return self._run(params, num_images, eta, callback, image)
+
+
+def generate(
+    prompt: str,
+    uncond_prompt: str | None = None,
+    input_image: Image.Image | None = None,
+    strength: float = 0.8,
+    do_cfg: bool = True,
+    cfg_scale: float = 7.5,
+    sampler_name: str = "ddpm",
+    n_inference_steps: int = 50,
+    models: dict[str, nn.Module] | None = None,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    idle_device: torch.device | str | None = None,
+    tokenizer: CLIPTokenizer | None = None,
+    width: int = 512,
+    height: int = 512,
+) -> np.ndarray:
+    """The seed's API: one H x W x 3 uint8 image. Models not in use wait on `idle_device`.
+
+    `tokenizer` may be anything with the seed's `batch_encode_plus(..., padding="max_length",
+    max_length=77).input_ids`. `input_image` is resized to width x height, as the seed did.
+    """
+    if not models:
+        raise ValueError(
+            "generate() needs models={'clip', 'encoder', 'decoder', 'diffusion'} (sd.load_models)"
+        )
+    pipe = Pipeline(models, tokenizer=tokenizer, device=device or "cpu", idle_device=idle_device)
+    guidance = cfg_scale if do_cfg else 1.0
+    common = dict(
+        prompt=prompt,
+        negative_prompt=uncond_prompt or "",
+        width=width,
+        height=height,
+        steps=n_inference_steps,
+        cfg_scale=guidance,
+        sampler=sampler_name,
+        seed=seed,
+    )
+    if input_image is None:
+        images = pipe.txt2img(**common)
+    else:
+        images = pipe.img2img(to_rgb(input_image), strength=strength, **common)
+    return np.asarray(images[0])
+
+
+__all__ = ["Pipeline", "Step", "generate"]
