@@ -44,6 +44,10 @@ class GenerationParams:
     clip_skip: int = 1
     model_hash: str | None = None
     model: str | None = None
+    # Images of a batch share one seed (one generator, as diffusers' num_images_per_prompt): an image is
+    # reproduced by re-running its batch and keeping its position.
+    batch_size: int = 1
+    batch_pos: int = 0
 
     def to_text(self) -> str:
         lines = [self.prompt]
@@ -65,6 +69,8 @@ class GenerationParams:
             items.append(("Denoising strength", f"{self.strength:g}"))
         if self.clip_skip != 1:
             items.append(("Clip skip", self.clip_skip))
+        if self.batch_size > 1:
+            items += [("Batch size", self.batch_size), ("Batch pos", self.batch_pos)]
         lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in items))
         return "\n".join(lines)
 
@@ -103,11 +109,11 @@ class GenerationParams:
                 clip_skip=int(settings.get("Clip skip", 1)),
                 model_hash=settings.get("Model hash"),
                 model=settings.get("Model"),
+                batch_size=int(settings.get("Batch size", 1)),
+                batch_pos=int(settings.get("Batch pos", 0)),
             )
         except ValueError as error:
             raise ValueError(f"bad generation parameters: {error}") from None
-
-
 
 
 def _quote(value: str) -> str:

@@ -240,13 +240,15 @@ class Pipeline:
             if callback is not None:
                 callback(step)
         pixels = self.decode(step.latents)
-        return [self._with_params(Image.fromarray(p), params, i) for i, p in enumerate(pixels)]
+        params = replace(params, batch_size=num_images)
+        return [
+            self._with_params(Image.fromarray(p), replace(params, batch_pos=i)) for i, p in enumerate(pixels)
+        ]
 
-    def _with_params(self, image: Image.Image, params: GenerationParams, index: int) -> Image.Image:
-        # Images of one batch share a seed; A1111 writes the same. The text travels in image.info.
+    def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
+        # The text travels in image.info["parameters"]; save_png writes it into the PNG.
         params = replace(params, model=self.model_name, model_hash=self.model_hash)
         image.info["parameters"] = params.to_text()
-        image.info["batch_index"] = index
         return image
 
     def txt2img(
