@@ -132,6 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from .checkpoints import find_checkpoint, missing_checkpoint_message
     from .images import load_image, save_png
     from .pipeline import Pipeline, check_settings, check_size
     from .samplers import get_sampler
@@ -157,8 +158,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     keep = [params.batch_pos] if args.from_png and args.num is None and num > 1 else None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
-    print("loading checkpoint ...", file=sys.stderr)
-    pipe = Pipeline.from_checkpoint(args.ckpt, device=args.device, dtype=dtype)
+    checkpoint = find_checkpoint(args.ckpt)
+    if checkpoint is None:
+        raise FileNotFoundError(missing_checkpoint_message())
+    print(f"loading {checkpoint} ...", file=sys.stderr)
+    pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
     total = len(sampler.timesteps) - (sampler.start_index(params.strength) if image else 0)
     bars: list[tqdm] = []  # opened at the first step, so warnings from prompt encoding print cleanly
 
@@ -194,6 +198,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         save_png(image_out, path, image_out.info.get("parameters"))
         print(path)
     return 0
+
+
+class StderrHandler(logging.Handler):
+    """Warnings as 'warning: ...' lines on whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 # --- parser --------------------------------------------------------------------------------------------
@@ -268,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="warning: %(message)s", level=logging.WARNING, stream=sys.stderr)
+    logger = logging.getLogger("sd")
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        logger.addHandler(StderrHandler(logging.WARNING))
+        logger.propagate = False
     from .weights import CheckpointError
 
     try:

@@ -1,0 +1,213 @@
+"""The `sd` command line, end to end on a tiny checkpoint: outputs, PNG parameters, reproduction,
+and one clear line with a non-zero exit for every kind of bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd.cli import main
+from sd.config import TINY
+from sd.images import read_png_parameters
+from sd.params import GenerationParams
+from sd.samplers import SAMPLERS
+from sd.testing import random_models
+from sd.weights import save_checkpoint
+
+FAST = ["--steps", "3", "--width", "64", "--height", "64"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(random_models(TINY, seed=5), path, config=TINY)
+    return str(path)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run in a scratch folder with no checkpoint configured anywhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SD_CHECKPOINT", raising=False)
+    monkeypatch.setenv("SD_HOME", str(tmp_path / "sd-home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_generate_writes_png_with_parameters(ckpt, capsys, tmp_path) -> None:
+    code, out, err = run(
+        capsys,
+        "generate",
+        "a red fox",
+        "--negative",
+        "blurry, dark",
+        "--ckpt",
+        ckpt,
+        "--seed",
+        "42",
+        "--sampler",
+        "euler",
+        "--karras",
+        "-n",
+        "2",
+        *FAST,
+    )
+    assert code == 0, err
+    paths = out.split()
+    assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
+    assert "sampling" in err  # a progress bar
+    params = GenerationParams.from_text(read_png_parameters(paths[1]))
+    assert (params.prompt, params.negative_prompt, params.seed, params.steps) == (
+        "a red fox",
+        "blurry, dark",
+        42,
+        3,
+    )
+    assert (params.sampler, params.karras, params.width, params.height) == ("euler", True, 64, 64)
+    assert (params.batch_size, params.batch_pos) == (2, 1)
+    assert params.model_hash and len(params.model_hash) == 10
+    assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
+
+
+def test_from_png_reproduces_each_image_of_a_batch(ckpt, capsys) -> None:
+    code, out, _ = run(capsys, "generate", "a blue square", "--ckpt", ckpt, "--seed", "7", "-n", "2", *FAST)
+    first, second = out.split()
+    for original in (first, second):
+        code, out, err = run(capsys, "generate", "--from-png", original, "--ckpt", ckpt, "-o", "again.png")
+        assert code == 0, err
+        assert np.array_equal(pixels(out.strip()), pixels(original))
+    # Flags override what the PNG says.
+    code, out, _ = run(capsys, "generate", "--from-png", first, "--ckpt", ckpt, "--seed", "8", "-n", "1")
+    assert GenerationParams.from_text(read_png_parameters(out.strip())).seed == 8
+
+
+def test_outputs_never_overwrite(ckpt, capsys) -> None:
+    Image.new("RGB", (8, 8)).save("mine.png")
+    before = pixels("mine.png").copy()
+    code, out, _ = run(capsys, "generate", "x", "--ckpt", ckpt, "-o", "mine.png", "--seed", "1", *FAST)
+    assert code == 0 and out.strip() != "mine.png"
+    assert np.array_equal(pixels("mine.png"), before)
+
+
+def test_checkpoint_found_from_env_and_default_folder(ckpt, capsys, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("SD_CHECKPOINT", ckpt)
+    assert run(capsys, "generate", "x", "--seed", "1", *FAST)[0] == 0
+    monkeypatch.delenv("SD_CHECKPOINT")
+    models = tmp_path / "sd-home" / "models"
+    models.mkdir(parents=True)
+    (models / "v1-5-pruned-emaonly.safetensors").symlink_to(ckpt)
+    assert run(capsys, "generate", "x", "--seed", "1", *FAST)[0] == 0
+
+
+def test_img2img_converts_odd_image_modes(ckpt, capsys, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (70, 90, 4), dtype=np.uint8), "RGBA").save("rgba.png")
+    Image.fromarray(rng.integers(0, 65535, (70, 90), dtype=np.uint16)).save("grey16.png")
+    Image.fromarray(rng.integers(0, 255, (70, 90), dtype=np.uint8), "L").save("grey.png")
+    for name in ("rgba.png", "grey16.png", "grey.png"):
+        code, out, err = run(
+            capsys,
+            "generate",
+            "a cat",
+            "--ckpt",
+            ckpt,
+            "--init-image",
+            name,
+            "--strength",
+            "0.5",
+            "--steps",
+            "4",
+            "--seed",
+            "3",
+        )
+        assert code == 0, err
+        result = Image.open(out.strip())
+        assert result.size == (88, 64)  # the input's size rounded down to a multiple of 8
+        params = GenerationParams.from_text(read_png_parameters(out.strip()))
+        assert params.strength == 0.5
+
+
+def test_long_prompt_is_truncated_with_a_warning(ckpt, capsys) -> None:
+    code, _out, err = run(capsys, "generate", "a very long prompt about cats " * 20, "--ckpt", ckpt, *FAST)
+    assert code == 0
+    assert "warning: prompt is longer than 75 tokens" in err
+
+
+def test_empty_prompt_is_unconditional(ckpt, capsys) -> None:
+    code, out, err = run(capsys, "generate", "", "--ckpt", ckpt, "--seed", "2", *FAST)
+    assert code == 0, err
+    assert GenerationParams.from_text(read_png_parameters(out.strip())).prompt == ""
+
+
+BAD = {
+    "no checkpoint": (["x"], "no checkpoint found"),
+    "missing file": (["x", "--ckpt", "nope.safetensors"], "checkpoint not found"),
+    "unknown sampler": (["x", "--sampler", "foo"], "unknown sampler 'foo'"),
+    "size not multiple of 8": (["x", "--width", "100"], "multiple of 8"),
+    "size too large": (["x", "--height", "8192"], "between 64 and 2048"),
+    "strength > 1": (["x", "--init-image", "in.png", "--strength", "1.5"], "strength must be in (0, 1]"),
+    "strength 0": (["x", "--init-image", "in.png", "--strength", "0"], "strength must be in (0, 1]"),
+    "strength without image": (["x", "--strength", "0.5"], "--strength needs --init-image"),
+    "steps 0": (["x", "--steps", "0"], "steps must be at least 1"),
+    "unreadable image": (["x", "--init-image", "notes.txt"], "cannot read image"),
+    "missing image": (["x", "--init-image", "none.png"], "image not found"),
+    "karras where none": (["x", "--sampler", "euler_a", "--karras"], "no Karras schedule"),
+    "no prompt": ([], "give a prompt"),
+    "png without parameters": (["--from-png", "in.png"], "no generation parameters"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_nonzero(case, ckpt, capsys, monkeypatch) -> None:
+    Image.new("RGB", (64, 64)).save("in.png")
+    with open("notes.txt", "w") as f:
+        f.write("not an image")
+    argv, message = BAD[case]
+    if case not in ("no checkpoint", "missing file"):
+        monkeypatch.setenv("SD_CHECKPOINT", ckpt)
+    code, out, err = run(capsys, "generate", *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("sd generate: error: "), err
+    assert message in err
+    assert out == ""
+
+
+def test_not_a_model_is_one_line(capsys, tmp_path) -> None:
+    (tmp_path / "junk.ckpt").write_bytes(b"\x00garbage" * 100)
+    code, out, err = run(capsys, "generate", "x", "--ckpt", "junk.ckpt", *FAST)
+    errors = [line for line in err.splitlines() if line.startswith("sd generate: error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "not a model" in errors[0]
+    code, out, err = run(capsys, "info", "junk.ckpt")
+    assert code != 0 and "Traceback" not in out + err
+
+
+def test_samplers_and_info(ckpt, capsys) -> None:
+    code, out, _ = run(capsys, "samplers")
+    assert code == 0 and all(name in out for name in SAMPLERS)
+    code, out, _ = run(capsys, "info", ckpt)
+    assert code == 0 and "SD1.x" in out
+
+
+def test_python_dash_m_and_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "sd", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "generate" in result.stdout and "info" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "sd", "generate", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--from-png" in result.stdout and "examples:" in result.stdout
