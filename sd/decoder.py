@@ -132,4 +132,5 @@ class Decoder(nn.Module):
         self.decoder = VAEDecoderNet(config)
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.contiguous(memory_format=torch.channels_last)  # see models.CHANNELS_LAST
         return self.decoder(self.post_quant_conv(latents / self.config.scaling_factor))

@@ -43,6 +43,7 @@ class Diffusion(UNet):
         self, latents: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor | float | int
     ) -> torch.Tensor:
         """latents (B, 4, h, w), context (B, 77, 768), timestep scalar or (B,) -> noise (B, 4, h, w)."""
+        latents = latents.contiguous(memory_format=torch.channels_last)  # see models.CHANNELS_LAST
         t = torch.as_tensor(timestep, device=latents.device)
         t = t.reshape(-1).expand(latents.shape[0])
         features = timestep_embedding(t, self.config.model_channels).to(latents.dtype)

@@ -94,6 +94,7 @@ class Encoder(nn.Module):
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
 
     def encode(self, image: torch.Tensor) -> LatentDistribution:
+        image = image.contiguous(memory_format=torch.channels_last)  # see models.CHANNELS_LAST
         mean, logvar = self.quant_conv(self.encoder(image)).chunk(2, dim=1)
         # Same clamp as the original DiagonalGaussianDistribution: keeps exp() finite.
         return LatentDistribution(mean, logvar.clamp(-30.0, 20.0))

@@ -12,6 +12,14 @@ from .diffusion import Diffusion
 from .encoder import Encoder
 
 COMPONENTS = ("clip", "encoder", "decoder", "diffusion")
+# Convolutional components keep weights and activations channels-last (NHWC): oneDNN's convolutions are
+# ~10-15% faster that way on CPU, and the U-Net's token reshapes around attention become free views.
+CHANNELS_LAST = ("encoder", "decoder", "diffusion")
+
+
+def prefer_channels_last(name: str, model: nn.Module) -> nn.Module:
+    """Convert a component's 4-D weights to channels-last if it is a convolutional one."""
+    return model.to(memory_format=torch.channels_last) if name in CHANNELS_LAST else model
 
 
 def build_models(
@@ -28,8 +36,9 @@ def build_models(
             "decoder": Decoder(config.vae),
             "diffusion": Diffusion(config.unet),
         }
-    for model in models.values():
+    for name, model in models.items():
         model.eval().requires_grad_(False)
         if dtype is not None:
             model.to(dtype)
+        prefer_channels_last(name, model)
     return models

@@ -50,7 +50,7 @@ from .keymap import (
     split_ldm_key,
     vae_reshape_keys,
 )
-from .models import COMPONENTS, build_models
+from .models import COMPONENTS, build_models, prefer_channels_last
 
 __all__ = [
     "SUPPORTED",
@@ -1059,7 +1059,7 @@ def _materialize(plan: _Plan, device: torch.device | str, dtype: torch.dtype | N
         module.load_state_dict(state, strict=True, assign=True)
         del state
         _fill_non_persistent_buffers(plan.config, component, module, device, target)
-        module.eval().requires_grad_(False)
+        prefer_channels_last(component, module).eval().requires_grad_(False)
     return models
 
 
