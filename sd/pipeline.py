@@ -65,6 +65,10 @@ def check_settings(steps: int, cfg_scale: float, strength: float | None = None) 
         raise ValueError(f"strength must be in (0, 1], got {strength}")
 
 
+def dtype_of(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 def new_seed() -> int:
     return random.SystemRandom().randrange(2**32)
 
@@ -92,7 +96,6 @@ class Pipeline:
             unet=models["diffusion"].config,
             schedule=schedule or ScheduleConfig(),
         )
-        self.dtype = next(models["diffusion"].parameters()).dtype
         self.model_name = model_name
         self.model_hash = model_hash
         for model in models.values():
@@ -113,6 +116,10 @@ class Pipeline:
         if found is None:
             raise FileNotFoundError(missing_checkpoint_message())
         models = load_models(found, device="cpu", dtype=dtype)
+        if dtype == torch.float16:
+            # The SD VAE overflows fp16 (NaNs, black images): keep it in fp32. bf16 has fp32's range.
+            for name in ("encoder", "decoder"):
+                models[name].float()
         return cls(
             models,
             device=device,
@@ -148,8 +155,8 @@ class Pipeline:
     @torch.no_grad()
     def encode_image(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
         """Scaled latents of `image`, sampled from the VAE's distribution with `generator`."""
-        pixels = pil_to_tensor(image).to(self.device, self.dtype)
         encoder = self._use("encoder")
+        pixels = pil_to_tensor(image).to(self.device, dtype_of(encoder))
         latents = encoder.encode(pixels).sample(generator) * self.config.vae.scaling_factor
         self._release("encoder")
         return latents
@@ -158,7 +165,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> (B, H, W, 3) uint8."""
         decoder = self._use("decoder")
-        images = decoder(latents.to(self.dtype))
+        images = decoder(latents.to(dtype_of(decoder)))
         self._release("decoder")
         return tensor_to_uint8(images)
 
@@ -175,6 +182,7 @@ class Pipeline:
     ) -> Iterator[Step]:
         """Run `sampler` from model call `start`, yielding a Step after each call (the last: the result)."""
         unet = self._use("diffusion")
+        dtype = dtype_of(unet)
         guided = cfg_scale > 1.0
         batch = latents.shape[0]
         # One context row per image: [negatives..., prompts...] under guidance.
@@ -188,7 +196,7 @@ class Pipeline:
         @torch.no_grad()
         def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x
-            out = unet(x_in.to(self.dtype), context, t).to(x.dtype)
+            out = unet(x_in.to(dtype), context.to(dtype), t).to(x.dtype)
             if not guided:
                 return out
             uncond, cond = out.chunk(2)
