@@ -10,6 +10,16 @@ from pathlib import Path
 CHECKPOINT_ENV = "SD_CHECKPOINT"
 DEFAULT_NAMES = ("v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# A small model trained on sd.shapes' synthetic dataset ships with the package, so that everything
+# works on the first command; it draws coloured shapes, not photographs.
+BUILTIN_MODEL = Path(__file__).parent / "data" / "shapes-builtin.safetensors"
+
+
+def builtin_notice() -> str:
+    return (
+        "no checkpoint given: using the built-in shapes model (coloured shapes on plain backgrounds); for "
+        f"SD1.5 pass --ckpt PATH, set {CHECKPOINT_ENV}, or put {DEFAULT_NAMES[0]} in {default_model_dir()}"
+    )
 
 
 def default_model_dir() -> Path:

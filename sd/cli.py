@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .checkpoints import find_checkpoint, missing_checkpoint_message
+    from .checkpoints import BUILTIN_MODEL, builtin_notice, find_checkpoint, missing_checkpoint_message
     from .images import load_image, save_png
     from .pipeline import Pipeline, check_settings, check_size
     from .samplers import get_sampler
@@ -159,6 +159,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
 
     checkpoint = find_checkpoint(args.ckpt)
+    if checkpoint is None and BUILTIN_MODEL.exists():
+        print(builtin_notice(), file=sys.stderr)
+        checkpoint = BUILTIN_MODEL
     if checkpoint is None:
         raise FileNotFoundError(missing_checkpoint_message())
     print(f"loading {checkpoint} ...", file=sys.stderr)
@@ -261,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
     gen.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
     gen.set_defaults(run=cmd_generate)
+
+    from .shapes import add_make_shapes_command
+
+    add_make_shapes_command(commands)
 
     samplers = commands.add_parser("samplers", help="list the samplers", description="List the samplers.")
     samplers.set_defaults(run=cmd_samplers)

@@ -23,7 +23,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .checkpoints import find_checkpoint, missing_checkpoint_message, model_hash
+from .checkpoints import (
+    BUILTIN_MODEL,
+    builtin_notice,
+    find_checkpoint,
+    missing_checkpoint_message,
+    model_hash,
+)
 from .config import ModelConfig, ScheduleConfig
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .params import GenerationParams
@@ -109,10 +115,14 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         idle_device: torch.device | str | None = None,
     ) -> Pipeline:
-        """Load a checkpoint (found as `sd.checkpoints.find_checkpoint` says when `path` is None)."""
+        """Load a checkpoint (found as `sd.checkpoints.find_checkpoint` says when `path` is None; with
+        none anywhere, the built-in shapes model)."""
         from .weights import load_models
 
         found = find_checkpoint(path)
+        if found is None and BUILTIN_MODEL.exists():
+            log.warning(builtin_notice())
+            found = BUILTIN_MODEL
         if found is None:
             raise FileNotFoundError(missing_checkpoint_message())
         models = load_models(found, device="cpu", dtype=dtype)

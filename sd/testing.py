@@ -42,6 +42,8 @@ def random_models(config: ModelConfig = SD15, seed: int = 0) -> dict[str, nn.Mod
 
 def ldm_state_dict(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     """Merge component state dicts into one original-layout (LDM) state dict."""
-    return {
-        ldm_key(name, k): v.contiguous() for name, model in models.items() for k, v in model.state_dict().items()
-    }
+    state = {}
+    for name, model in models.items():
+        for key, value in model.state_dict().items():
+            state[ldm_key(name, key)] = value.contiguous()  # channels-last weights: files want plain layout
+    return state
