@@ -56,7 +56,7 @@ from .tokenizer import CLIPTokenizer
 
 SHAPES = ModelConfig(
     clip=CLIPConfig(width=64, layers=3, heads=4, mlp_width=256),
-    vae=VAEConfig(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, norm_groups=16),
+    vae=VAEConfig(base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8),
     unet=UNetConfig(
         model_channels=48,
         channel_mult=(1, 2, 2),
@@ -497,8 +497,8 @@ def reconstruction_grid(
 
 @dataclass
 class TrainResult:
-    """What a run returns: its checkpoint, the last step, this process's per-step losses, and the models
-    (EMA weights where trained, as saved; `online` holds the raw trained modules)."""
+    """What a run returns: its checkpoint, the last step, this process's per-step losses, the models (EMA
+    weights where trained, as saved; `online` holds the raw trained modules), config and optimizer."""
 
     checkpoint: Path
     step: int
@@ -506,6 +506,7 @@ class TrainResult:
     models: dict[str, nn.Module]
     online: dict[str, nn.Module]
     config: ModelConfig
+    optimizer: torch.optim.Optimizer
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -628,7 +629,8 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    log = log_path(output).open("a") if workers.main else None
+    # Line-buffered, so the log can be read while training runs.
+    log = log_path(output).open("a", buffering=1) if workers.main else None
     autocast = functools.partial(
         torch.autocast, device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"
     )
@@ -691,7 +693,8 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
             log.close()
     if workers.main and step > last_saved:  # e.g. a resumed run that was already at `steps`
         save(step)
-    return TrainResult(output, step, losses, saved, {name: models[name] for name in trained}, config)
+    online = {name: models[name] for name in trained}
+    return TrainResult(output, step, losses, saved, online, config, optimizer)
 
 
 @torch.no_grad()

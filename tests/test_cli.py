@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,6 +179,7 @@ def test_bad_input_is_one_line_and_nonzero(case, ckpt, capsys, monkeypatch) -> N
     argv, message = BAD[case]
     if case not in ("no checkpoint", "missing file"):
         monkeypatch.setenv("SD_CHECKPOINT", ckpt)
+    monkeypatch.setattr("sd.checkpoints.BUILTIN_MODEL", Path("no-builtin-model.safetensors"))
     code, out, err = run(capsys, "generate", *argv)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("sd generate: error: "), err
@@ -211,3 +213,14 @@ def test_python_dash_m_and_help() -> None:
         [sys.executable, "-m", "sd", "generate", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "--from-png" in result.stdout and "examples:" in result.stdout
+
+
+def test_builtin_model_when_no_checkpoint(capsys) -> None:
+    from sd.checkpoints import BUILTIN_MODEL
+
+    if not BUILTIN_MODEL.exists():
+        pytest.skip("no built-in model shipped")
+    code, out, err = run(capsys, "generate", "a red circle on a blue background", "--seed", "0", *FAST)
+    assert code == 0, err
+    assert "built-in shapes model" in err and "--ckpt" in err
+    assert Image.open(out.strip()).size == (64, 64)
