@@ -82,18 +82,25 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class DecoderLevel(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, upsample: bool):
+class VAELevel(nn.Module):
+    """One resolution level: residual blocks, then an optional resampler kept under its original key
+    name (`downsample` in the encoder, `upsample` in the decoder)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, num_blocks: int, groups: int,
+        resample: tuple[str, nn.Module] | None = None,
+    ):  # fmt: skip
         super().__init__()
         channels = [in_channels] + [out_channels] * num_blocks
         self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in pairwise(channels))
-        if upsample:
-            self.upsample = Upsample(out_channels)
+        self.resample_name = resample[0] if resample else None
+        if resample:
+            self.add_module(*resample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.block:
             x = block(x)
-        return self.upsample(x) if hasattr(self, "upsample") else x
+        return getattr(self, self.resample_name)(x) if self.resample_name else x
 
 
 class VAEDecoderNet(nn.Module):
@@ -107,8 +114,12 @@ class VAEDecoderNet(nn.Module):
         self.mid = MidBlock(widths[-1], groups)
         # up[i] works at level i's resolution, as in the original file; it runs from the last level down.
         self.up = nn.ModuleList(
-            DecoderLevel(
-                widths[min(i + 1, len(widths) - 1)], widths[i], config.num_res_blocks + 1, groups, i > 0
+            VAELevel(
+                widths[min(i + 1, len(widths) - 1)],
+                widths[i],
+                config.num_res_blocks + 1,
+                groups,
+                ("upsample", Upsample(widths[i])) if i > 0 else None,
             )
             for i in range(len(widths))
         )

@@ -6,14 +6,13 @@ Names mirror the original `first_stage_model.encoder.*` / `quant_conv` keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .decoder import MidBlock, ResnetBlock, vae_norm
+from .decoder import MidBlock, VAELevel, vae_norm
 
 
 @dataclass
@@ -46,20 +45,6 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-class EncoderLevel(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, groups: int, downsample: bool):
-        super().__init__()
-        channels = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in pairwise(channels))
-        if downsample:
-            self.downsample = Downsample(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return self.downsample(x) if hasattr(self, "downsample") else x
-
-
 class VAEEncoderNet(nn.Module):
     """The original `Encoder`: conv_in, down levels, mid, norm_out, conv_out (mean and logvar)."""
 
@@ -69,8 +54,15 @@ class VAEEncoderNet(nn.Module):
         groups = config.norm_groups
         self.conv_in = nn.Conv2d(config.in_channels, config.base_channels, 3, padding=1)
         inputs = [config.base_channels, *widths[:-1]]
+        last = len(widths) - 1
         self.down = nn.ModuleList(
-            EncoderLevel(inputs[i], widths[i], config.num_res_blocks, groups, i < len(widths) - 1)
+            VAELevel(
+                inputs[i],
+                widths[i],
+                config.num_res_blocks,
+                groups,
+                ("downsample", Downsample(widths[i])) if i < last else None,
+            )
             for i in range(len(widths))
         )
         self.mid = MidBlock(widths[-1], groups)

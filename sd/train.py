@@ -201,8 +201,16 @@ def init_fresh_weights_(models: dict[str, nn.Module], names: Sequence[str]) -> N
 
     The U-Net's residual branches end in zero convs (openaimodel's zero_module), so every block starts as
     the identity and the model starts out predicting zero noise; CLIP embeddings start small (std 0.02)
-    rather than at nn.Embedding's N(0, 1), as in CLIP.
+    rather than at nn.Embedding's N(0, 1), as in CLIP. A fresh VAE encoder starts with a nearly
+    deterministic posterior (std ~0.02): at the default std ~1 the sampled noise drowns everything
+    that covers only a few latent pixels, and the VAE learns backgrounds but not small shapes for a long
+    time; the KL term widens the posterior again as far as reconstructions allow.
     """
+    if "encoder" in names:
+        quant_conv = models["encoder"].quant_conv
+        logvar = slice(quant_conv.out_channels // 2, None)
+        quant_conv.weight[logvar].mul_(0.1)
+        quant_conv.bias[logvar].fill_(-8.0)
     if "diffusion" in names:
         unet = models["diffusion"]
         for name, module in unet.named_modules():
