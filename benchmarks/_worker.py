@@ -1,0 +1,137 @@
+"""One fresh process, one measurement: cold start or one whole image, with the process's peak RSS.
+
+bench.py runs `python _worker.py '<task json>'` and reads the JSON line this prints last. Imports happen
+inside the functions so that each side pays for exactly its own: ours torch + sd, diffusers torch +
+diffusers (+ transformers). Times are wall-clock seconds since the parent's `spawned` timestamp, so the
+interpreter's own start-up is included.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+PROMPT = "a watercolor painting of a lighthouse at dusk"
+
+
+def _dtype(name: str) -> Any:
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _load_ours(task: dict) -> Any:
+    import sd
+
+    return sd.load_models(task["checkpoint"], device=task["device"], dtype=_dtype(task["precision"]))
+
+
+def _load_diffusers(task: dict) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_single_file(
+        task["checkpoint"],
+        config=task["config_folder"],
+        local_files_only=True,
+        torch_dtype=_dtype(task["precision"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(task["device"])
+
+
+def _unet_step(task: dict, loaded: Any) -> None:
+    """One CFG U-Net step (batch 2) at the task's latent size."""
+    import torch
+
+    dtype, device, side = _dtype(task["precision"]), task["device"], task["side"]
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, task["latent"], task["latent"], generator=gen).to(device, dtype)
+    context = torch.randn(2, 77, task["context_dim"], generator=gen).to(device, dtype)
+    timestep = torch.tensor([999.0], device=device)
+    with torch.inference_mode():
+        if side == "ours":
+            loaded["diffusion"](latents, context, timestep)
+        else:
+            loaded.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)
+    _sync(device)
+
+
+def _image(task: dict, loaded: Any) -> None:
+    """One txt2img image, 20 DPM++ 2M steps with CFG 7.5 (the same call bench.py times in-process)."""
+    import torch
+
+    size, steps = task["size"], task["steps"]
+    if task["side"] == "ours":
+        from sd.pipeline import Pipeline
+
+        pipe = Pipeline(loaded, device=task["device"])
+        pipe.txt2img(PROMPT, width=size, height=size, steps=steps, cfg_scale=7.5, sampler="dpmpp_2m", seed=0)
+    else:
+        from diffusers import DPMSolverMultistepScheduler
+
+        loaded.scheduler = DPMSolverMultistepScheduler.from_config(loaded.scheduler.config)
+        generator = torch.Generator().manual_seed(0)
+        loaded(
+            PROMPT,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            generator=generator,
+        )
+    _sync(task["device"])
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
+    (large) parent through fork and exec, so a small child would report the parent's size."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def run(task: dict) -> dict[str, Any]:
+    spawned = task["spawned"]
+    import torch
+
+    torch.set_num_threads(task["threads"])
+
+    phases = {"import": time.time() - spawned}
+    loaded = _load_ours(task) if task["side"] == "ours" else _load_diffusers(task)
+    phases["load"] = time.time() - spawned - sum(phases.values())
+    if task["task"] == "cold":
+        _unet_step(task, loaded)
+        phases["first U-Net step"] = time.time() - spawned - sum(phases.values())
+    else:
+        _image(task, loaded)
+        phases["image"] = time.time() - spawned - sum(phases.values())
+    result: dict[str, Any] = {
+        "total_s": time.time() - spawned,
+        "phases": phases,
+        "peak_rss_gb": peak_rss_gb(),
+    }
+    if task["device"].startswith("cuda"):
+        result["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(json.loads(sys.argv[1]))), flush=True)
