@@ -266,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
 
     from .shapes import add_make_shapes_command
+    from .train import add_train_command
 
     add_make_shapes_command(commands)
+    add_train_command(commands)
 
     samplers = commands.add_parser("samplers", help="list the samplers", description="List the samplers.")
     samplers.set_defaults(run=cmd_samplers)
