@@ -165,7 +165,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if checkpoint is None:
         raise FileNotFoundError(missing_checkpoint_message())
     print(f"loading {checkpoint} ...", file=sys.stderr)
-    pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
+    if args.backend == "openvino":
+        from .backends.openvino import compile_models
+
+        pipe = Pipeline.from_checkpoint(checkpoint, device="cpu")  # converted from fp32 weights
+        precision = "bf16" if args.dtype == "bf16" else "f32"
+        print(
+            f"converting to OpenVINO ({precision}; cached on disk after the first run) ...", file=sys.stderr
+        )
+        pipe.models = compile_models(pipe.models, precision=precision, weights_id=pipe.model_hash)
+    else:
+        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
     total = len(sampler.timesteps) - (sampler.start_index(params.strength) if image else 0)
     bars: list[tqdm] = []  # opened at the first step, so warnings from prompt encoding print cleanly
 
@@ -262,7 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--from-png", metavar="FILE", help="take the settings from a PNG made by sd (or A1111)")
     gen.add_argument("-o", "--output", metavar="OUT", help="FILE.png or folder (default ./outputs/)")
     gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    gen.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights dtype")
+    gen.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="compute dtype: bf16 is ~2x faster on CPUs with avx512_bf16/AMX (default fp32)",
+    )
+    gen.add_argument(
+        "--backend",
+        choices=("torch", "openvino"),
+        default="torch",
+        help="openvino: run our modules converted by OpenVINO (pip install 'sd[openvino]')",
+    )
     gen.set_defaults(run=cmd_generate)
 
     from .shapes import add_make_shapes_command
