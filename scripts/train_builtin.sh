@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Train the built-in shapes model, sd/data/shapes-builtin.safetensors, from nothing.
+#
+#   scripts/train_builtin.sh [WORK_DIR]        (default runs/shapes-builtin; THREADS=2 for an idle machine)
+#
+# Three steps: draw the dataset, train the VAE, train the U-Net and text encoder on the VAE's latents.
+# Every step is seeded, so a rerun trains the same recipe on the same data; the weights themselves match
+# bit for bit only with the same thread count and CPU. The last step scores the result
+# (benchmarks/eval_shapes.py) and copies it into the package.
+set -euo pipefail
+
+WORK=${1:-runs/shapes-builtin}
+THREADS=${THREADS:-1}
+SD=${SD:-python -m sd}
+mkdir -p "$WORK"
+
+# 1. 40,000 captioned 64 px images (~30 s).
+$SD make-shapes "$WORK/data" --count 40000 --size 64 --seed 0
+
+# 2. The VAE: 4x downscale, 64 px -> 16x16x4 latents. Its latent std sets the scaling factor.
+$SD train "$WORK/data" --stage vae --model shapes -o "$WORK/vae.safetensors" \
+    --steps 2500 --batch-size 32 --lr 1e-3 --lr-schedule cosine --warmup-steps 100 \
+    --kl-weight 1e-5 --ema-decay 0.999 --save-every 500 --sample-every 500 --threads "$THREADS"
+
+# 3. The U-Net and a fresh text encoder on the frozen VAE's latents (encoded once up front).
+$SD train "$WORK/data" --stage unet --model shapes --vae "$WORK/vae.safetensors" \
+    -o "$WORK/shapes.safetensors" \
+    --steps 4000 --batch-size 32 --lr 5e-4 --lr-schedule cosine --warmup-steps 200 \
+    --min-snr-gamma 5 --caption-dropout 0.1 --ema-decay 0.998 --save-dtype fp16 \
+    --save-every 500 --sample-every 500 --sample-cfg 6 --threads "$THREADS" \
+    --sample-prompt "a red circle at the top left on a blue background" \
+    --sample-prompt "a large yellow star in the center on a black background" \
+    --sample-prompt "a small green square at the bottom right on a white background" \
+    --sample-prompt "a cyan triangle at the left and a pink cross at the right on a gray background"
+
+# 4. Score it (100 captions; prints the table) and ship it.
+python benchmarks/eval_shapes.py --ckpt "$WORK/shapes.safetensors" --threads "$THREADS"
+cp "$WORK/shapes.safetensors" sd/data/shapes-builtin.safetensors
