@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ckpt", default=str(BUILTIN), help="checkpoint (default: the built-in model)")
     parser.add_argument("--count", type=int, default=100, help="captions (default 100)")
-    parser.add_argument("--img2img-count", type=int, help="img2img inputs (default: --count)")
+    parser.add_argument("--img2img-count", type=int, help="img2img inputs (default: --count; 0: skip)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale when on (default 7.5)")
     parser.add_argument("--size", type=int, default=64, help="image side (default 64)")
@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         scores = txt2img_scores(pipe, captions, cfg_scale, args.steps, args.size)
         print(_row(f"  CFG {cfg_scale:g}", scores, keys), flush=True)
 
-    cases = img2img_cases(args.img2img_count or args.count, args.size)
+    count = args.count if args.img2img_count is None else args.img2img_count
+    if not count:
+        return 0
+    cases = img2img_cases(count, args.size)
     print(f"\nimg2img ({len(cases)} inputs, new caption on another background, CFG {args.cfg:g})")
     print(f"{'':<34}" + "".join(f"{k:>12}" for k in keys))
     for strength in (0.3, 0.9):

@@ -17,9 +17,9 @@ mkdir -p "$WORK"
 # 1. 40,000 captioned 64 px images (~30 s).
 $SD make-shapes "$WORK/data" --count 40000 --size 64 --seed 0
 
-# 2. The VAE: 4x downscale, 64 px -> 16x16x4 latents. Its latent std sets the scaling factor.
+# 2. The VAE: 2x downscale, 64 px -> 32x32x4 latents. Its latent std sets the scaling factor.
 $SD train "$WORK/data" --stage vae --model shapes -o "$WORK/vae.safetensors" \
-    --steps 2500 --batch-size 32 --lr 1e-3 --lr-schedule cosine --warmup-steps 100 \
+    --steps 2000 --batch-size 32 --lr 1e-3 --lr-schedule cosine --warmup-steps 100 \
     --kl-weight 1e-5 --ema-decay 0.999 --save-every 500 --sample-every 500 --threads "$THREADS"
 
 # 3. The U-Net and a fresh text encoder on the frozen VAE's latents (encoded once up front).

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 def multihead_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool = False
@@ -33,10 +35,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.causal = causal
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = multihead_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.causal)
@@ -53,10 +55,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, query_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, query_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(query_dim, query_dim))
+        self.to_q = Linear(query_dim, query_dim, bias=False)
+        self.to_k = Linear(context_dim, query_dim, bias=False)
+        self.to_v = Linear(context_dim, query_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(query_dim, query_dim))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context

@@ -11,6 +11,7 @@ from torch import nn
 
 from .attention import SelfAttention
 from .config import CLIPConfig
+from .linear import Linear
 
 
 class QuickGELU(nn.Module):
@@ -36,9 +37,9 @@ class CLIPEmbeddings(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.width, config.mlp_width)
+        self.fc1 = Linear(config.width, config.mlp_width)
         self.activation = QuickGELU()
-        self.fc2 = nn.Linear(config.mlp_width, config.width)
+        self.fc2 = Linear(config.mlp_width, config.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation(self.fc1(x)))

@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import multihead_attention
 from .config import VAEConfig
+from .linear import PointwiseConv, conv1x1_on_tokens
 
 
 def vae_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -28,7 +29,7 @@ class ResnetBlock(nn.Module):
         self.norm2 = vae_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            PointwiseConv(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,12 +54,10 @@ class AttnBlock(nn.Module):
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
 
-        def project(conv: nn.Conv2d) -> torch.Tensor:
-            # A 1x1 conv on (B, C, H, W) is a linear map on (B, HW, C).
-            return F.linear(tokens, conv.weight.flatten(1), conv.bias)
-
-        out = multihead_attention(project(self.q), project(self.k), project(self.v), heads=1)
-        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        # A 1x1 conv on (B, C, H, W) is a linear map on (B, HW, C).
+        q, k, v = (conv1x1_on_tokens(tokens, conv) for conv in (self.q, self.k, self.v))
+        out = multihead_attention(q, k, v, heads=1)
+        out = conv1x1_on_tokens(out, self.proj_out)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 

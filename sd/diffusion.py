@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import UNetConfig
+from .linear import Linear
 from .unet import UNet
 
 
@@ -34,9 +35,9 @@ class Diffusion(UNet):
     def __init__(self, config: UNetConfig):
         super().__init__(config)
         self.time_embed = nn.Sequential(
-            nn.Linear(config.model_channels, config.time_embed_dim),
+            Linear(config.model_channels, config.time_embed_dim),
             nn.SiLU(),
-            nn.Linear(config.time_embed_dim, config.time_embed_dim),
+            Linear(config.time_embed_dim, config.time_embed_dim),
         )
 
     def forward(  # type: ignore[override]

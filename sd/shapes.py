@@ -50,7 +50,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLORS = tuple(PALETTE)
 KINDS = ("circle", "square", "triangle", "diamond", "star", "cross")
 # Side of the shape's bounding box as a fraction of the image side.
-SIZES: dict[str, float] = {"small": 0.14, "large": 0.26}
+SIZES: dict[str, float] = {"small": 0.18, "large": 0.30}
 # 3x3 grid cells as (column, row).
 POSITIONS: dict[str, tuple[int, int]] = {
     "top left": (0, 0), "top": (1, 0), "top right": (2, 0),
@@ -61,7 +61,7 @@ POSITIONS: dict[str, tuple[int, int]] = {
 # Where shapes are drawn inside their cell (fraction of the image side). The outer cells' centres are
 # pulled in from 1/6 and 5/6 so a large shape with jitter still clears the image border by ~2 px at 64 px,
 # which keeps the border pixels a clean sample of the background for the scorer.
-CELL_CENTERS = (0.19, 0.5, 0.81)
+CELL_CENTERS = (0.21, 0.5, 0.79)
 SIZE_JITTER = 0.08  # relative; small and large stay far apart (ratio > 1.6)
 POSITION_JITTER = 0.02  # fraction of the image side
 MIN_GAP = 0.02  # two shapes never come closer than this (fraction of image side), so they stay separable

@@ -13,6 +13,7 @@ from torch import nn
 
 from .attention import CrossAttention
 from .config import UNetConfig
+from .linear import Linear, PointwiseConv, conv1x1_on_tokens
 
 
 class ResBlock(nn.Module):
@@ -23,7 +24,7 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(
             nn.GroupNorm(groups, in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(time_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels),
             nn.SiLU(),
@@ -31,7 +32,7 @@ class ResBlock(nn.Module):
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            PointwiseConv(in_channels, out_channels) if in_channels != out_channels else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = Linear(dim, inner * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -54,7 +55,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -93,10 +94,11 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        # proj_in/proj_out are 1x1 convs in the file: the same linear map, applied to the tokens.
+        tokens = conv1x1_on_tokens(self.norm(x).flatten(2).transpose(1, 2), self.proj_in)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return x + self.proj_out(tokens.transpose(1, 2).reshape(b, c, h, w))
+        return x + conv1x1_on_tokens(tokens, self.proj_out).transpose(1, 2).reshape(b, c, h, w)
 
 
 class Downsample(nn.Module):

@@ -292,7 +292,7 @@ def test_builtin_file_is_small_and_loads_as_fp32(builtin):
     pipe, _ = builtin
     assert BUILTIN.stat().st_size < 20_000_000
     assert all(p.dtype == torch.float32 for m in pipe.models.values() for p in m.parameters())
-    assert pipe.config.vae.downscale == 4 and pipe.config.vae.scaling_factor != 0.18215
+    assert pipe.config.vae.downscale == 2 and pipe.config.vae.scaling_factor != 0.18215
 
 
 def test_builtin_draws_what_the_caption_says(builtin):
