@@ -26,23 +26,6 @@ REFERENCE_DIR = Path(
     os.environ.get("SD_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
 )
 
-# SD1.5's scheduler config (scheduler_config.json with diffusers' defaults written out). The benchmark's
-# sampler, DPM++ 2M, is DPMSolverMultistepScheduler.from_config of it, as our "dpmpp_2m" reproduces.
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
-
 
 def reference_file(name: str) -> Path:
     path = REFERENCE_DIR / name
@@ -85,28 +68,29 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtyp
     return module.eval().requires_grad_(False)
 
 
+def _diffusers_model(kind: str, path: Path | dict, dconf: dict, dtype: torch.dtype) -> nn.Module:
+    """diffusers' U-Net ("unet") or AutoencoderKL ("vae") built on meta, holding the file's weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    model_class, convert, prefix = {
+        "unet": (UNet2DConditionModel, convert_ldm_unet_checkpoint, UNET_PREFIX),
+        "vae": (AutoencoderKL, convert_ldm_vae_checkpoint, VAE_PREFIX),
+    }[kind]
+    cfg = _public(dconf[kind])
+    with torch.device("meta"):
+        model = model_class(**cfg)
+    return _assign(model, convert(read_state(path, (prefix,)), cfg), dtype)
+
+
 def diffusers_unet(path: Path | dict, dconf: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
     """diffusers' UNet2DConditionModel holding the file's (or LDM state dict's) U-Net."""
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    cfg = _public(dconf["unet"])
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-    state = convert_ldm_unet_checkpoint(read_state(path, (UNET_PREFIX,)), cfg)
-    return _assign(unet, state, dtype)
+    return _diffusers_model("unet", path, dconf, dtype)
 
 
 def diffusers_vae(path: Path, dconf: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
     """diffusers' AutoencoderKL holding the file's VAE."""
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    cfg = _public(dconf["vae"])
-    with torch.device("meta"):
-        vae = AutoencoderKL(**cfg)
-    state = convert_ldm_vae_checkpoint(read_state(path, (VAE_PREFIX,)), cfg)
-    return _assign(vae, state, dtype)
+    return _diffusers_model("vae", path, dconf, dtype)
 
 
 def transformers_text_encoder(path: Path, dconf: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -140,7 +124,8 @@ def hf_tokenizer() -> Any:
 def dpmpp_2m_scheduler() -> Any:
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)
+    # SD1.5's scheduler_config.json; "dpmpp_2m" is DPMSolverMultistepScheduler.from_config of it.
+    return DPMSolverMultistepScheduler.from_config(peer_configs(SD15)["scheduler"])
 
 
 def diffusers_pipeline(path: Path, dconf: dict, dtype: torch.dtype = torch.float32) -> Any:
@@ -169,7 +154,7 @@ def write_config_folder(folder: Path, dconf: dict) -> Path:
         "unet/config.json": dconf["unet"],
         "vae/config.json": dconf["vae"],
         "text_encoder/config.json": dconf["text_encoder"],
-        "scheduler/scheduler_config.json": SCHEDULER_CONFIG,
+        "scheduler/scheduler_config.json": dconf["scheduler"],
         "tokenizer/tokenizer_config.json": dconf["tokenizer_config"],
         "tokenizer/special_tokens_map.json": dconf["special_tokens_map"],
     }

@@ -286,19 +286,9 @@ class Pipeline:
         callback: StepCallback | None = None,
     ) -> list[Image.Image]:
         """Images for `prompt`; each PIL image carries its generation parameters in `image.info`."""
-        params = GenerationParams(
-            prompt,
-            negative_prompt,
-            steps,
-            sampler,
-            karras,
-            cfg_scale,
-            new_seed() if seed is None else seed,
-            width,
-            height,
-            None,
-            clip_skip,
-        )
+        seed = new_seed() if seed is None else seed
+        params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
+                                  width, height, None, clip_skip)  # fmt: skip
         return self._run(params, num_images, eta, callback)
 
     def img2img(
@@ -325,19 +315,9 @@ class Pipeline:
         down = self.config.vae.downscale
         width = width or image.width - image.width % down
         height = height or image.height - image.height % down
-        params = GenerationParams(
-            prompt,
-            negative_prompt,
-            steps,
-            sampler,
-            karras,
-            cfg_scale,
-            new_seed() if seed is None else seed,
-            width,
-            height,
-            strength,
-            clip_skip,
-        )
+        seed = new_seed() if seed is None else seed
+        params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
+                                  width, height, strength, clip_skip)  # fmt: skip
         return self._run(params, num_images, eta, callback, image)
 
 
