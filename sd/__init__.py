@@ -1,9 +1,9 @@
 """sd: Stable Diffusion v1.5 from scratch in PyTorch.
 
-    import sd
-    models = sd.load_models("v1-5-pruned-emaonly.safetensors")    # clip, encoder, decoder, diffusion
-    pipe = sd.Pipeline(models)
-    image = pipe.txt2img("a lighthouse at dusk", seed=42)[0]
+import sd
+models = sd.load_models("v1-5-pruned-emaonly.safetensors")    # clip, encoder, decoder, diffusion
+pipe = sd.Pipeline(models)
+image = pipe.txt2img("a lighthouse at dusk", seed=42)[0]
 """
 
 from .config import SD15, TINY, CLIPConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig

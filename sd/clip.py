@@ -11,7 +11,7 @@ from torch import nn
 
 from .attention import SelfAttention
 from .config import CLIPConfig
-from .linear import Linear
+from .kernels import Linear
 
 
 class QuickGELU(nn.Module):

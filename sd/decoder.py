@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import multihead_attention
 from .config import VAEConfig
-from .linear import PointwiseConv, conv1x1_on_tokens
+from .kernels import PointwiseConv, conv1x1_on_tokens, upsample_conv
 
 
 def vae_norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -78,7 +78,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv)  # = conv(nearest 2x upsample of x)
 
 
 class VAELevel(nn.Module):

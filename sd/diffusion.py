@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .config import UNetConfig
-from .linear import Linear
+from .kernels import Linear
 from .unet import UNet
 
 

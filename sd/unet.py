@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import CrossAttention
 from .config import UNetConfig
-from .linear import Linear, PointwiseConv, conv1x1_on_tokens
+from .kernels import Linear, PointwiseConv, conv1x1_on_tokens, upsample_conv
 
 
 class ResBlock(nn.Module):
@@ -118,9 +118,7 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         # `size` (the matching skip's size) lets latents whose sides are not multiples of 8 work,
         # as diffusers allows; the original code only handled 2x exactly.
-        if size is None:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+        return upsample_conv(x, self.conv, size)  # = conv(nearest upsample of x to size, default 2x)
 
 
 class UNetBlock(nn.Sequential):
