@@ -176,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pipe.models = compile_models(pipe.models, precision=precision, weights_id=pipe.model_hash)
     else:
         pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
+    pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
     total = len(sampler.timesteps) - (sampler.start_index(params.strength) if image else 0)
     bars: list[tqdm] = []  # opened at the first step, so warnings from prompt encoding print cleanly
 
@@ -277,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("fp32", "bf16", "fp16"),
         default="fp32",
         help="compute dtype: bf16 is ~2x faster on CPUs with avx512_bf16/AMX (default fp32)",
+    )
+    gen.add_argument(
+        "--vae-tiling",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode the image in overlapping tiles: bounded memory for huge images, slightly different "
+        "pixels (default auto: above 1024x1024)",
     )
     gen.add_argument(
         "--backend",

@@ -6,6 +6,7 @@ Also holds the VAE building blocks the encoder shares. Names mirror the original
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import pairwise
 
 import torch
@@ -144,3 +145,62 @@ class Decoder(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         latents = latents.contiguous(memory_format=torch.channels_last)  # see models.CHANNELS_LAST
         return self.decoder(self.post_quant_conv(latents / self.config.scaling_factor))
+
+    def tiled(self, latents: torch.Tensor, tile: int = 96, overlap: int = 16) -> torch.Tensor:
+        """forward() in overlapping tiles: see decode_in_tiles."""
+        return decode_in_tiles(self, latents, self.config.downscale, tile, overlap)
+
+
+def decode_in_tiles(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    scale: int,
+    tile: int = 96,
+    overlap: int = 16,
+) -> torch.Tensor:
+    """`decode(latents)` in overlapping tiles of `tile` latent pixels, cross-faded over `overlap`: the
+    memory of one tile's decode whatever the image size (`scale`: pixels per latent pixel).
+
+    Not a whole decode's numbers: inside a tile, GroupNorm statistics and the mid-block attention see only
+    that tile (diffusers' enable_vae_tiling has the same limit). A latent that fits one tile is decoded
+    whole. `decode` may be any decoder callable (ours, or a compiled backend's).
+    """
+    if overlap < 0 or tile <= overlap:
+        raise ValueError(f"need 0 <= overlap < tile, got tile {tile}, overlap {overlap}")
+    height, width = latents.shape[-2:]
+    out = weights = None
+    for top in _tile_starts(height, tile, overlap):
+        for left in _tile_starts(width, tile, overlap):
+            image = decode(latents[:, :, top : top + tile, left : left + tile]).float()
+            if out is None:
+                out = image.new_zeros(*image.shape[:2], height * scale, width * scale)
+                weights = image.new_zeros(height * scale, width * scale)
+            h, w = image.shape[-2:]
+            # Ramps only where a neighbour overlaps, so the image's own borders keep full weight.
+            ramp_y = _ramp(h, overlap * scale, top > 0, top + tile < height).to(out)
+            ramp_x = _ramp(w, overlap * scale, left > 0, left + tile < width).to(out)
+            weight = ramp_y[:, None] * ramp_x[None, :]
+            y, x = top * scale, left * scale
+            out[:, :, y : y + h, x : x + w] += image * weight
+            weights[y : y + h, x : x + w] += weight
+    return out / weights
+
+
+def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles covering 0..size, `overlap` apart at least; the last one ends at `size`."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return [*starts, size - tile]
+
+
+def _ramp(length: int, fade: int, fade_in: bool, fade_out: bool) -> torch.Tensor:
+    """Weights along one side of a tile: rising over the first `fade` pixels, falling over the last."""
+    ramp = torch.ones(length)
+    steps = (torch.arange(fade) + 0.5) / fade if fade else torch.ones(0)
+    if fade_in:
+        ramp[:fade] = steps
+    if fade_out:
+        ramp[length - fade :] = steps.flip(0)
+    return ramp

@@ -31,12 +31,16 @@ from .checkpoints import (
     model_hash,
 )
 from .config import ModelConfig, ScheduleConfig
+from .decoder import decode_in_tiles
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .params import GenerationParams
 from .samplers import Sampler, get_sampler
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger("sd")
+
+# decode() tiles the VAE above this many latent pixels (128x128: a 1024x1024 SD1.5 image).
+TILE_ABOVE_LATENTS = 128 * 128
 
 MIN_SIZE, MAX_SIZE = 64, 2048
 
@@ -104,6 +108,7 @@ class Pipeline:
         )
         self.model_name = model_name
         self.model_hash = model_hash
+        self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
         for model in models.values():
             model.to(self.idle_device or self.device)
 
@@ -171,13 +176,26 @@ class Pipeline:
         self._release("encoder")
         return latents
 
+    def tiles_vae(self, latents: torch.Tensor) -> bool:
+        """Whether decode() works in tiles: as `vae_tiling` says, or in auto mode (None) above
+        TILE_ABOVE_LATENTS latent pixels (1024x1024 for SD1.5), where a whole decode needs > 3 GB."""
+        if self.vae_tiling is not None:
+            return self.vae_tiling
+        return latents.shape[-2] * latents.shape[-1] > TILE_ABOVE_LATENTS
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> (B, H, W, 3) uint8."""
+        """Latents -> (B, H, W, 3) uint8, one image at a time (a batch would multiply peak memory)."""
         decoder = self._use("decoder")
-        images = decoder(latents.to(dtype_of(decoder)))
+        latents = latents.to(dtype_of(decoder))
+        tiled = self.tiles_vae(latents)
+        scale = self.config.vae.downscale
+        images = np.concatenate([
+            tensor_to_uint8(decode_in_tiles(decoder, one[None], scale) if tiled else decoder(one[None]))
+            for one in latents
+        ])  # fmt: skip
         self._release("decoder")
-        return tensor_to_uint8(images)
+        return images
 
     # --- the loop ---------------------------------------------------------------------------------
 
