@@ -12,6 +12,7 @@ import json
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 PROMPT = "a watercolor painting of a lighthouse at dusk"
@@ -36,6 +37,16 @@ def _load_ours(task: dict) -> Any:
     return sd.load_models(task["checkpoint"], device=task["device"], dtype=_dtype(task["precision"]))
 
 
+def _load_ours_openvino(task: dict) -> Any:
+    import sd
+    from sd.backends.openvino import compile_models
+
+    models = sd.load_models(task["checkpoint"])  # fp32; OpenVINO's precision is an inference hint
+    hint = {"fp32": "f32", "bf16": "bf16"}[task["precision"]]
+    weights_id = Path(task["checkpoint"]).name  # as bench.py's in-process mode names the same IR
+    return compile_models(models, hint, task["openvino_cache"], weights_id=weights_id)
+
+
 def _load_diffusers(task: dict) -> Any:
     from diffusers import StableDiffusionPipeline
 
@@ -56,13 +67,14 @@ def _unet_step(task: dict, loaded: Any) -> None:
     """One CFG U-Net step (batch 2) at the task's latent size."""
     import torch
 
-    dtype, device, side = _dtype(task["precision"]), task["device"], task["side"]
+    device, side = task["device"], task["side"]
+    dtype = _dtype("fp32" if side == "ours-openvino" else task["precision"])  # OpenVINO takes fp32 in
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, task["latent"], task["latent"], generator=gen).to(device, dtype)
     context = torch.randn(2, 77, task["context_dim"], generator=gen).to(device, dtype)
     timestep = torch.tensor([999.0], device=device)
     with torch.inference_mode():
-        if side == "ours":
+        if side.startswith("ours"):
             loaded["diffusion"](latents, context, timestep)
         else:
             loaded.unet(latents, timestep, encoder_hidden_states=context, return_dict=False)
@@ -74,7 +86,7 @@ def _image(task: dict, loaded: Any) -> None:
     import torch
 
     size, steps = task["size"], task["steps"]
-    if task["side"] == "ours":
+    if task["side"].startswith("ours"):
         from sd.pipeline import Pipeline
 
         pipe = Pipeline(loaded, device=task["device"])
@@ -115,7 +127,8 @@ def run(task: dict) -> dict[str, Any]:
     torch.set_num_threads(task["threads"])
 
     phases = {"import": time.time() - spawned}
-    loaded = _load_ours(task) if task["side"] == "ours" else _load_diffusers(task)
+    load = {"ours": _load_ours, "ours-openvino": _load_ours_openvino, "diffusers": _load_diffusers}
+    loaded = load[task["side"]](task)
     phases["load"] = time.time() - spawned - sum(phases.values())
     if task["task"] == "cold":
         _unet_step(task, loaded)

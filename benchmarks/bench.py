@@ -44,6 +44,7 @@ from sd.tokenizer import CLIPTokenizer
 from sd.weights import load_models, save_checkpoint
 
 WORKER = Path(__file__).with_name("_worker.py")
+OPENVINO_CACHE = "sd-openvino"  # our backend's IR cache, under the bench's folder
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 STEPS, CFG_SCALE, SAMPLER = 20, 7.5, "dpmpp_2m"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,6 +116,13 @@ class Bench:
 
     def sync(self) -> None:
         bench_sync(self.device)
+
+    def ours_openvino(self, precision: str) -> dict[str, Any]:
+        """Our backend over our fp32 models; its IR cache lives in the bench's folder (OPENVINO_CACHE)."""
+        from sd.backends.openvino import compile_models
+
+        cache = self.workdir / OPENVINO_CACHE
+        return compile_models(self.ours, precision, cache, weights_id=self.checkpoint.name)
 
     def openvino_ir(self, kind: str, example: Inputs) -> Path:
         """diffusers' module for `kind` converted to OpenVINO IR once (on disk, fp32 weights)."""
@@ -274,6 +282,20 @@ def openvino_compiled(precision: str) -> Callable[[Bench, Row, Inputs], Runner |
     return build
 
 
+def ours_openvino(precision: str) -> Callable[[Bench, Row, Inputs], Runner | None]:
+    """Our modules through sd.backends.openvino (`--backend openvino`): traced once into IR cached in the
+    bench's folder, compiled per shape with inference precision f32 / bf16."""
+    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+
+    def build(bench: Bench, row: Row, inputs: Inputs) -> Runner | None:
+        if bench.openvino is None or bench.device.type != "cpu":
+            return None
+        models = bench.cached(f"ours openvino {precision}", lambda: bench.ours_openvino(hint))
+        return ours_runner(models, row, inputs, bench.device)
+
+    return build
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str  # its label in the table
@@ -294,6 +316,12 @@ MODES = (
     ),
     Mode(
         "diffusers fp16", "diffusers", "fp16", diffusers_eager("fp16"), devices=("cuda",), worker="diffusers"
+    ),
+    Mode(
+        "ours openvino f32", "ours", "fp32", ours_openvino("fp32"), devices=("cpu",), worker="ours-openvino"
+    ),
+    Mode(
+        "ours openvino bf16", "ours", "bf16", ours_openvino("bf16"), devices=("cpu",), worker="ours-openvino"
     ),
     Mode("openvino f32", "openvino", "fp32", openvino_compiled("fp32"), devices=("cpu",)),
     Mode("openvino bf16", "openvino", "bf16", openvino_compiled("bf16"), devices=("cpu",)),
@@ -455,6 +483,11 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
     """Cold start and the 512² image: one fresh process per run (ours and diffusers, alternating)."""
     results: list[Result] = []
     sides = [m for m in modes if m.worker is not None]
+    if bench.openvino is not None and any(m.worker == "ours-openvino" for m in sides):
+        # Convert our IR once up front (a tiny image runs every component the image rows use), so the
+        # fresh processes time what a second `sd generate --backend openvino` costs: reading and compiling.
+        log("ours openvino: converting to IR (once)")
+        Pipeline(bench.ours_openvino("f32")).txt2img("warm-up", width=64, height=64, steps=1, seed=0)
     for row in rows:
         precisions = list(dict.fromkeys(m.precision for m in sides))[: 1 if args.quick else None]
         rounds = 1 if (args.quick or row.kind == "txt2img") else args.cold_repeats
@@ -476,6 +509,7 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
                         "size": row.size,
                         "steps": STEPS,
                         "threads": torch.get_num_threads(),
+                        "openvino_cache": str(bench.workdir / OPENVINO_CACHE),
                     }
                     fresh_run(task, measured[mode.name], "image" if row.kind == "txt2img" else None)
             results += measured.values()

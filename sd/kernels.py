@@ -99,16 +99,25 @@ def _phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, memory_format: torch.mem
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | None = None) -> torch.Tensor:
     """`conv(F.interpolate(x, size or 2x, mode="nearest"))` for a 3x3, padding-1 conv."""
     batch, _, height, width = x.shape
-    if (size is not None and tuple(size) != (2 * height, 2 * width)) or torch.jit.is_tracing():
-        return conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0, mode="nearest"))
+    if size is not None and tuple(size) != (2 * height, 2 * width):
+        return conv(F.interpolate(x, size=size, mode="nearest"))
     memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
     kernels = _phase_kernels(conv, x.dtype, memory_format or torch.contiguous_format)
     padded = F.pad(x, (1, 1, 1, 1))
+    # Phase (a, b) reads padded rows a .. a+H and columns b .. b+W. Slices without explicit sizes keep a
+    # trace (the OpenVINO backend) valid for every input shape.
+    ends = (-1, None)
+
+    def phase(a: int, b: int) -> torch.Tensor:
+        return F.conv2d(padded[:, :, a : ends[a], b : ends[b]], kernels[2 * a + b], conv.bias)
+
+    if torch.jit.is_tracing():  # interleave without in-place writes: (B, C, H, 2, W, 2) -> (B, C, 2H, 2W)
+        rows = [torch.stack([phase(a, 0), phase(a, 1)], dim=-1) for a in (0, 1)]
+        return torch.stack(rows, dim=3).flatten(4, 5).flatten(2, 3)
     out = x.new_empty(batch, conv.out_channels, 2 * height, 2 * width)
     if memory_format is not None:
         out = out.contiguous(memory_format=memory_format)
     for a in (0, 1):
-        for b in (0, 1):
-            window = padded[:, :, a : a + height + 1, b : b + width + 1]
-            out[:, :, a::2, b::2] = F.conv2d(window, kernels[2 * a + b], conv.bias)
+        for b in (0, 1):  # one phase alive at a time
+            out[:, :, a::2, b::2] = phase(a, b)
     return out

@@ -97,3 +97,22 @@ def test_upsample_conv_cache_follows_weight_updates_and_autograd_works():
     ours = torch.autograd.grad(upsample_conv(x, conv).square().sum(), conv.weight)[0]
     ref = torch.autograd.grad(reference_upsample(x, conv).square().sum(), conv.weight)[0]
     assert (ours - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_upsample_conv_traces_shape_generic():
+    """The traced graph (what the OpenVINO backend converts) must hold for other input sizes."""
+    torch.manual_seed(2)
+    conv = torch.nn.Conv2d(4, 5, 3, padding=1)
+
+    class Up(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x):
+            return upsample_conv(x, self.conv)
+
+    with torch.no_grad():
+        traced = torch.jit.trace(Up(), torch.randn(1, 4, 6, 6), check_trace=False)
+        x = torch.randn(2, 4, 5, 9)
+        assert torch.allclose(traced(x), reference_upsample(x, conv), atol=1e-5)
