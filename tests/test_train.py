@@ -152,6 +152,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
 
 
+def test_loss_weightings_are_the_stated_functions_of_the_timestep():
+    from sd.config import TINY
+    from sd.models import build_models
+    from sd.samplers.schedule import alphas_cumprod
+    from sd.train import DiffusionLoss
+
+    torch.manual_seed(0)
+    models = build_models(TINY)
+    abar = alphas_cumprod(TINY.schedule)
+    generator = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn((2, 1, 4, 8, 8), generator=generator)
+    tokens = torch.randint(0, 49408, (1, 77), generator=generator)
+
+    def loss(t: int, **weighting) -> float:
+        objective = DiffusionLoss(models["clip"], models["diffusion"], abar, **weighting)
+        with torch.no_grad():
+            return objective(latents, noise, torch.tensor([t]), tokens).item()
+
+    for t in (5, 500, 990):
+        plain = loss(t, min_snr_gamma=None)
+        snr = (abar[t] / (1 - abar[t])).item()
+        assert loss(t, min_snr_gamma=None, v_loss=True) == pytest.approx(plain / abar[t].item(), rel=1e-5)
+        assert loss(t, min_snr_gamma=5.0) == pytest.approx(plain * min(snr, 5.0) / snr, rel=1e-5)
+    with pytest.raises(ValueError, match="one loss weighting"):
+        DiffusionLoss(models["clip"], models["diffusion"], abar, 5.0, v_loss=True)
+
+
 # --- training runs ----------------------------------------------------------------------------------------
 
 
