@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from .config import UNetConfig
+from .config import ScheduleConfig, UNetConfig
 from .kernels import Linear
 from .unet import UNet
 
@@ -30,10 +30,12 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class Diffusion(UNet):
-    """U-Net plus its time embedding MLP."""
+    """U-Net plus its time embedding MLP; `schedule` is the noise schedule it was trained for, which
+    the samplers must follow (stored in our checkpoints' config; SD's own files use SD's)."""
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, schedule: ScheduleConfig | None = None):
         super().__init__(config)
+        self.schedule = schedule or ScheduleConfig()
         self.time_embed = nn.Sequential(
             Linear(config.model_channels, config.time_embed_dim),
             nn.SiLU(),

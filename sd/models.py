@@ -34,7 +34,7 @@ def build_models(
             "clip": CLIP(config.clip),
             "encoder": Encoder(config.vae),
             "decoder": Decoder(config.vae),
-            "diffusion": Diffusion(config.unet),
+            "diffusion": Diffusion(config.unet, config.schedule),
         }
     for name, model in models.items():
         model.eval().requires_grad_(False)

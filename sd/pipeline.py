@@ -104,7 +104,7 @@ class Pipeline:
             clip=models["clip"].config,
             vae=models["decoder"].config,
             unet=models["diffusion"].config,
-            schedule=schedule or ScheduleConfig(),
+            schedule=schedule or getattr(models["diffusion"], "schedule", None) or ScheduleConfig(),
         )
         self.model_name = model_name
         self.model_hash = model_hash

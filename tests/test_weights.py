@@ -760,3 +760,22 @@ def test_unaligned_safetensors_data_is_read_correctly(tmp_path):
     for key, entry in W._open(path).entries.items():
         value, owned = entry.read()
         assert owned and torch.equal(value, tensors[key])
+
+
+def test_a_models_own_noise_schedule_travels_with_it(tmp_path):
+    """A checkpoint trained on another schedule (the built-in shapes model's) is sampled on that schedule."""
+    from dataclasses import replace
+
+    from sd.config import ScheduleConfig
+    from sd.pipeline import Pipeline
+
+    config = replace(TINY, schedule=ScheduleConfig(beta_end=0.02))
+    path = tmp_path / "other-schedule.safetensors"
+    W.save_checkpoint(random_models(config), path, config)
+    stored = load_file(path)["alphas_cumprod"]
+    models = W.load_models(path)
+    assert models["diffusion"].schedule == config.schedule
+    pipe = Pipeline(models)
+    assert pipe.config.schedule == config.schedule
+    assert stored[-1].item() == pytest.approx(2.3e-4, rel=0.01)  # vs SD's 4.7e-3
+    assert Pipeline(random_models(TINY)).config.schedule == ScheduleConfig()

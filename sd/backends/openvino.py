@@ -182,6 +182,7 @@ class OpenVINOModule:
 
     def __init__(self, module: nn.Module, compiler: _Compiler):
         self.config = module.config
+        self.schedule = getattr(module, "schedule", None)
         self.module: nn.Module | None = module
         self._compiler = compiler
         self._compiled: dict[str, Any] = {}
