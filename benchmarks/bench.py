@@ -613,6 +613,8 @@ def markdown(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         first = True
         for ours in (r for r in row["results"] if r["family"] == "ours"):
+            if ours["note"] == "n/a" and not ours["times"]:
+                continue  # a mode this run cannot have (e.g. OpenVINO left out): no line
             cells = [row["title"] if first else "", ours["mode"], _cell(ours)]
             for peer in peers:
                 same = [

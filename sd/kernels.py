@@ -99,7 +99,9 @@ def _phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, memory_format: torch.mem
 def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | None = None) -> torch.Tensor:
     """`conv(F.interpolate(x, size or 2x, mode="nearest"))` for a 3x3, padding-1 conv."""
     batch, _, height, width = x.shape
-    if size is not None and tuple(size) != (2 * height, 2 * width):
+    # A trace fixes Python branches, and the U-Net's skip sizes (`size`) are only 2x for even sides: a
+    # traced graph must keep the general form there.
+    if size is not None and (tuple(size) != (2 * height, 2 * width) or torch.jit.is_tracing()):
         return conv(F.interpolate(x, size=size, mode="nearest"))
     memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
     kernels = _phase_kernels(conv, x.dtype, memory_format or torch.contiguous_format)
