@@ -483,11 +483,15 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
     """Cold start and the 512² image: one fresh process per run (ours and diffusers, alternating)."""
     results: list[Result] = []
     sides = [m for m in modes if m.worker is not None]
-    if bench.openvino is not None and any(m.worker == "ours-openvino" for m in sides):
+    if rows and bench.openvino is not None and any(m.worker == "ours-openvino" for m in sides):
         # Convert our IR once up front (a tiny image runs every component the image rows use), so the
         # fresh processes time what a second `sd generate --backend openvino` costs: reading and compiling.
         log("ours openvino: converting to IR (once)")
+        if not bench.ours:  # the parent let its copies go: load them for the conversion only
+            bench.ours = load_models(bench.checkpoint, bench.device)
         Pipeline(bench.ours_openvino("f32")).txt2img("warm-up", width=64, height=64, steps=1, seed=0)
+        bench.ours = {}
+        bench.release()
     for row in rows:
         precisions = list(dict.fromkeys(m.precision for m in sides))[: 1 if args.quick else None]
         rounds = 1 if (args.quick or row.kind == "txt2img") else args.cold_repeats
