@@ -83,7 +83,7 @@ def _phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, memory_format: torch.mem
     folding the weights of a 1280-channel conv costs as much as the conv itself at 16x16.
     """
     weight = conv.weight
-    key = (weight.data_ptr(), weight._version, dtype, memory_format, torch.is_grad_enabled())
+    key = (weight.data_ptr(), weight._version, dtype, memory_format)
     cached = getattr(conv, "_phase_kernels", None)
     if cached is not None and cached[0] == key:
         return cached[1]
