@@ -83,15 +83,16 @@ def _phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, memory_format: torch.mem
     folding the weights of a 1280-channel conv costs as much as the conv itself at 16x16.
     """
     weight = conv.weight
+    needs_graph = torch.is_grad_enabled() and weight.requires_grad  # training: fold inside autograd
     key = (weight.data_ptr(), weight._version, dtype, memory_format)
     cached = getattr(conv, "_phase_kernels", None)
-    if cached is not None and cached[0] == key:
+    if not needs_graph and cached is not None and cached[0] == key:
         return cached[1]
     fold = _FOLD.to(weight.device)
     # kernel[a, b] = fold[a] @ weight @ fold[b]^T over the kernel's rows and columns, summed in fp32.
     folded = torch.einsum("apk,oikl,bql->aboipq", fold, weight.float(), fold).to(dtype)
     kernels = [folded[a, b].contiguous(memory_format=memory_format) for a in (0, 1) for b in (0, 1)]
-    if not torch.is_grad_enabled() or not weight.requires_grad:  # no autograd graph inside the cache
+    if not needs_graph:  # the cache holds no autograd graph
         conv._phase_kernels = (key, kernels)
     return kernels
 
