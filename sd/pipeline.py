@@ -178,7 +178,7 @@ class Pipeline:
 
     def tiles_vae(self, latents: torch.Tensor) -> bool:
         """Whether decode() works in tiles: as `vae_tiling` says, or in auto mode (None) above
-        TILE_ABOVE_LATENTS latent pixels (1024x1024 for SD1.5), where a whole decode needs > 3 GB."""
+        TILE_ABOVE_LATENTS latent pixels (beyond 1024x1024 for SD1.5)."""
         if self.vae_tiling is not None:
             return self.vae_tiling
         return latents.shape[-2] * latents.shape[-1] > TILE_ABOVE_LATENTS
