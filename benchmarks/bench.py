@@ -482,7 +482,8 @@ def run_in_process(
 def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.Namespace) -> list[Result]:
     """Cold start and the 512² image: one fresh process per run (ours and diffusers, alternating)."""
     results: list[Result] = []
-    sides = [m for m in modes if m.worker is not None]
+    # Our OpenVINO side only where OpenVINO is in this run (importable and not left out by --peers).
+    sides = [m for m in modes if m.worker and (m.worker != "ours-openvino" or bench.openvino is not None)]
     if rows and bench.openvino is not None and any(m.worker == "ours-openvino" for m in sides):
         # Convert our IR once up front (a tiny image runs every component the image rows use), so the
         # fresh processes time what a second `sd generate --backend openvino` costs: reading and compiling.
