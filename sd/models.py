@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .clip import CLIP
-from .config import SD15, ModelConfig
+from .config import SD15, ModelConfig, ScheduleConfig
 from .decoder import Decoder
 from .diffusion import Diffusion
 from .encoder import Encoder
@@ -42,3 +42,13 @@ def build_models(
             model.to(dtype)
         prefer_channels_last(name, model)
     return models
+
+
+def config_of(models: dict[str, nn.Module]) -> ModelConfig:
+    """The config the four components were built from (and the noise schedule the U-Net was trained on)."""
+    return ModelConfig(
+        clip=models["clip"].config,
+        vae=models["decoder"].config,
+        unet=models["diffusion"].config,
+        schedule=getattr(models["diffusion"], "schedule", None) or ScheduleConfig(),
+    )

@@ -30,9 +30,10 @@ from .checkpoints import (
     missing_checkpoint_message,
     model_hash,
 )
-from .config import ModelConfig, ScheduleConfig
+from .config import ScheduleConfig
 from .decoder import decode_in_tiles
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
+from .models import config_of
 from .params import GenerationParams
 from .samplers import Sampler, get_sampler
 from .tokenizer import CLIPTokenizer
@@ -100,12 +101,9 @@ class Pipeline:
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.device = torch.device(device)
         self.idle_device = torch.device(idle_device) if idle_device is not None else None
-        self.config = ModelConfig(
-            clip=models["clip"].config,
-            vae=models["decoder"].config,
-            unet=models["diffusion"].config,
-            schedule=schedule or getattr(models["diffusion"], "schedule", None) or ScheduleConfig(),
-        )
+        self.config = config_of(models)
+        if schedule is not None:
+            self.config = replace(self.config, schedule=schedule)
         self.model_name = model_name
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)

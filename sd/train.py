@@ -45,13 +45,13 @@ from .config import SD15, TINY, CLIPConfig, ModelConfig, ScheduleConfig, UNetCon
 from .datasets import CaptionedImages, read_captioned_folder, shorter_side
 from .ema import EMA
 from .images import tensor_to_uint8
-from .models import COMPONENTS, build_models
+from .models import COMPONENTS, build_models, config_of
 from .samplers.schedule import alphas_cumprod
 from .tokenizer import CLIPTokenizer
 
 # ---------------------------------------------------------------------------------------------------------
 # Model presets. SHAPES is the built-in model: 64 px images and a 2x VAE, so that even a small shape
-# (9 px) covers ~4x4 latent pixels; a 4x VAE learns to redraw small stars and crosses as blobs for a long
+# (11.5 px) covers ~6x6 latent pixels; a 4x VAE learns to redraw small stars and crosses as blobs for a long
 # time. The U-Net and text encoder are small enough to train on a 2-core CPU in under an hour and to
 # ship in fp16 under 20 MB (a third of it is the 49408-word embedding table the tokenizer needs).
 
@@ -258,13 +258,7 @@ def _load(path: str) -> tuple[dict[str, nn.Module], ModelConfig]:
     from .weights import load_models
 
     models = load_models(path, dtype=torch.float32)
-    config = ModelConfig(
-        clip=models["clip"].config,
-        vae=models["decoder"].config,
-        unet=models["diffusion"].config,
-        schedule=models["diffusion"].schedule,
-    )
-    return models, config
+    return models, config_of(models)
 
 
 def start_models(cfg: TrainConfig) -> tuple[dict[str, nn.Module], ModelConfig, list[str]]:
