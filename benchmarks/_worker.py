@@ -39,10 +39,10 @@ def _load_ours(task: dict) -> Any:
 
 def _load_ours_openvino(task: dict) -> Any:
     import sd
-    from sd.backends.openvino import compile_models
+    from sd.backends.openvino import compile_models, precision_for
 
     models = sd.load_models(task["checkpoint"])  # fp32; OpenVINO's precision is an inference hint
-    hint = {"fp32": "f32", "bf16": "bf16"}[task["precision"]]
+    hint = precision_for(task["precision"])
     weights_id = Path(task["checkpoint"]).name  # as bench.py's in-process mode names the same IR
     return compile_models(models, hint, task["openvino_cache"], weights_id=weights_id)
 

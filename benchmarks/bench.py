@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from sd.backends.openvino import precision_for
 from sd.config import SD15, TINY, ModelConfig
 from sd.models import build_models
 from sd.pipeline import Pipeline
@@ -268,7 +269,7 @@ def diffusers_eager(precision: str) -> Callable[[Bench, Row, Inputs], Runner | N
 def openvino_compiled(precision: str) -> Callable[[Bench, Row, Inputs], Runner | None]:
     """OpenVINO CPU plugin on diffusers' modules, compiled for the row's static shapes with
     INFERENCE_PRECISION_HINT f32 / bf16 (fp32 weights in the IR; the plugin converts)."""
-    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+    hint = precision_for(precision)
 
     def build(bench: Bench, row: Row, inputs: Inputs) -> Runner | None:
         if bench.openvino is None or row.kind not in MODULE_KINDS or bench.device.type != "cpu":
@@ -285,7 +286,7 @@ def openvino_compiled(precision: str) -> Callable[[Bench, Row, Inputs], Runner |
 def ours_openvino(precision: str) -> Callable[[Bench, Row, Inputs], Runner | None]:
     """Our modules through sd.backends.openvino (`--backend openvino`): traced once into IR cached in the
     bench's folder, compiled per shape with inference precision f32 / bf16."""
-    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+    hint = precision_for(precision)
 
     def build(bench: Bench, row: Row, inputs: Inputs) -> Runner | None:
         if bench.openvino is None or bench.device.type != "cpu":

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg", type=float, default=7.5, help="guidance scale when on (default 7.5)")
     parser.add_argument("--size", type=int, default=64, help="image side (default 64)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     args = parser.parse_args(argv)
 
     import torch
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.time()
-    pipe = Pipeline.from_checkpoint(args.ckpt)
+    pipe = Pipeline.from_checkpoint(args.ckpt, device=args.device)
     captions = eval_captions(args.count)
     keys = (*SCORE_KEYS, "all")
     print(f"{args.ckpt}: {args.count} captions, {args.steps} steps, {args.size} px")

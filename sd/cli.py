@@ -166,10 +166,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise FileNotFoundError(missing_checkpoint_message())
     print(f"loading {checkpoint} ...", file=sys.stderr)
     if args.backend == "openvino":
-        from .backends.openvino import compile_models
+        from .backends.openvino import compile_models, precision_for
 
         pipe = Pipeline.from_checkpoint(checkpoint, device="cpu")  # converted from fp32 weights
-        precision = "bf16" if args.dtype == "bf16" else "f32"
+        precision = precision_for(args.dtype)
         print(
             f"converting to OpenVINO ({precision}; cached on disk after the first run) ...", file=sys.stderr
         )

@@ -116,6 +116,7 @@ class TrainConfig:
     steps: int = 1000  # total optimizer steps (a resumed run continues up to this)
     batch_size: int = 16  # per process
     lr: float = 1e-4
+    text_lr_scale: float = 1.0  # the text encoder's learning rate as a multiple of `lr`
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (to 0 at `steps`)
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -644,7 +645,12 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
         objective = DiffusionLoss(models["clip"], models["diffusion"], abar, cfg.min_snr_gamma, cfg.v_loss)
     emas = {name: EMA(models[name], cfg.ema_decay) for name in trained}
     params = [p for name in trained for p in models[name].parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # One parameter group per component, each with its multiple of the scheduled learning rate.
+    groups = [
+        {"params": list(models[name].parameters()), "lr_scale": cfg.text_lr_scale if name == "clip" else 1.0}
+        for name in trained
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if resume_state is not None:
         for name in trained:
@@ -720,7 +726,7 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
                 inputs = tuple(x.to(device) for x in inputs)
 
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
             with autocast():
                 loss = objective(*inputs)
             optimizer.zero_grad(set_to_none=True)
@@ -869,6 +875,12 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     opt.add_argument(
         "--lr", type=float, default=defaults.lr, help="AdamW learning rate (default %(default)s)"
+    )
+    opt.add_argument(
+        "--text-lr-scale",
+        type=float,
+        default=defaults.text_lr_scale,
+        help="the text encoder's learning rate as a multiple of --lr (default %(default)s)",
     )
     opt.add_argument("--lr-schedule", choices=("constant", "cosine"), default=defaults.lr_schedule)
     opt.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="(default %(default)s)")

@@ -228,6 +228,16 @@ def test_bf16_autocast_and_gradient_checkpointing_train(shapes_data, tiny_vae, t
     assert len(result.losses) == 2 and all(0 < loss < 10 for loss in result.losses)
 
 
+def test_text_encoder_learning_rate_scale(shapes_data, tiny_vae, tmp_path):
+    cfg = quick(shapes_data, tmp_path / "m.safetensors", vae=str(tiny_vae), steps=2, text_lr_scale=4.0)
+    result = train(cfg)
+    rates = {len(group["params"]): group["lr"] for group in result.optimizer.param_groups}
+    clip_params = len(list(result.online["clip"].parameters()))
+    unet_params = len(list(result.online["diffusion"].parameters()))
+    assert rates[clip_params] == pytest.approx(4.0 * learning_rate(cfg, 1))
+    assert rates[unet_params] == pytest.approx(learning_rate(cfg, 1))
+
+
 def test_resume_continues_from_the_saved_step(shapes_data, tiny_vae, tmp_path):
     common = dict(vae=str(tiny_vae), caption_dropout=0.5)
     straight = train(quick(shapes_data, tmp_path / "straight.safetensors", steps=6, **common))

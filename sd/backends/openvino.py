@@ -51,6 +51,13 @@ except ImportError:  # an optional dependency: only compile_models needs it
 
 Precision = Literal["bf16", "f32"]
 PRECISIONS = ("bf16", "f32")
+
+
+def precision_for(dtype: str) -> Precision:
+    """The inference precision for a torch dtype name (fp32, bf16, ...): bf16 stays bf16, all else f32."""
+    return "bf16" if dtype == "bf16" else "f32"
+
+
 MISSING_MESSAGE = "OpenVINO backend needs the openvino package: pip install openvino"
 
 
