@@ -107,6 +107,26 @@ def _image(task: dict, loaded: Any) -> None:
     _sync(task["device"])
 
 
+def _big_decode(task: dict, loaded: Any) -> None:
+    """One VAE decode of random latents to a size x size image, tiled above 1024² on both sides."""
+    import torch
+
+    size, device = task["size"], task["device"]
+    shape = (1, 4, task["latent"], task["latent"])  # SD1.5 (and TINY) latents have 4 channels
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        if task["side"].startswith("ours"):
+            from sd.pipeline import Pipeline
+
+            Pipeline(loaded, device=device).decode(latents)  # auto mode: tiles above 1024²
+        else:
+            vae = loaded.vae
+            if size > 1024:
+                vae.enable_tiling()
+            vae.decode(latents.to(device, vae.dtype) / vae.config.scaling_factor, return_dict=False)
+    _sync(device)
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident set size. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the
     (large) parent through fork and exec, so a small child would report the parent's size."""
@@ -133,6 +153,9 @@ def run(task: dict) -> dict[str, Any]:
     if task["task"] == "cold":
         _unet_step(task, loaded)
         phases["first U-Net step"] = time.time() - spawned - sum(phases.values())
+    elif task["task"] == "big-decode":
+        _big_decode(task, loaded)
+        phases["decode"] = time.time() - spawned - sum(phases.values())
     else:
         _image(task, loaded)
         phases["image"] = time.time() - spawned - sum(phases.values())

@@ -60,7 +60,7 @@ class Row:
 
     key: str  # what --rows takes
     title: str
-    kind: str  # unet | decode | encode | text | txt2img | cold
+    kind: str  # unet | decode | encode | text | txt2img | cold | big-decode
     size: int = 0  # image side in pixels
     quick: bool = True  # part of --quick
     fresh: bool = False  # measured in a fresh process per run (time and peak RSS)
@@ -77,6 +77,10 @@ ROWS = (
     Row("txt2img256", f"txt2img 256², {STEPS} steps DPM++ 2M", "txt2img", 256),
     Row("txt2img512", f"txt2img 512², {STEPS} steps DPM++ 2M", "txt2img", 512, quick=False, fresh=True),
     Row("cold", "cold start → first U-Net step (64×64)", "cold", 512, fresh=True),
+    # Large decodes, each side as its users would run it: ours in the pipeline's auto mode (tiled above
+    # 1024²), diffusers with vae.enable_tiling() above 1024² (untiled, it needs ~4x our peak at 2048²).
+    Row("decode1024", "VAE decode → 1024² (own default)", "big-decode", 1024, quick=False, fresh=True),
+    Row("decode2048", "VAE decode → 2048² (tiled)", "big-decode", 2048, quick=False, fresh=True),
 )
 MODULE_KINDS = ("unet", "decode", "encode", "text")
 
@@ -481,7 +485,7 @@ def run_in_process(
 
 
 def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.Namespace) -> list[Result]:
-    """Cold start and the 512² image: one fresh process per run (ours and diffusers, alternating)."""
+    """Cold start, the 512² image and large decodes: one fresh process per run (sides alternating)."""
     results: list[Result] = []
     # Our OpenVINO side only where OpenVINO is in this run (importable and not left out by --peers).
     sides = [m for m in modes if m.worker and (m.worker != "ours-openvino" or bench.openvino is not None)]
@@ -496,10 +500,12 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
         bench.release()
     for row in rows:
         precisions = list(dict.fromkeys(m.precision for m in sides))[: 1 if args.quick else None]
-        rounds = 1 if (args.quick or row.kind == "txt2img") else args.cold_repeats
+        rounds = 1 if (args.quick or row.kind in ("txt2img", "big-decode")) else args.cold_repeats
         for precision in precisions:
             log(f"{row.key} ({precision}, fresh process per run)")
             contenders = [m for m in sides if m.precision == precision]
+            if row.kind == "big-decode":  # the OpenVINO backend decodes whole images only
+                contenders = [m for m in contenders if m.worker != "ours-openvino"]
             measured = {m.name: Result(row.key, m.name, m.family, precision) for m in contenders}
             for _ in range(rounds):
                 for mode in contenders:
@@ -517,7 +523,8 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
                         "threads": torch.get_num_threads(),
                         "openvino_cache": str(bench.workdir / OPENVINO_CACHE),
                     }
-                    fresh_run(task, measured[mode.name], "image" if row.kind == "txt2img" else None)
+                    timed = {"txt2img": "image", "big-decode": "decode"}.get(row.kind)
+                    fresh_run(task, measured[mode.name], timed)
             results += measured.values()
     return results
 
