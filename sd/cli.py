@@ -132,7 +132,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .checkpoints import BUILTIN_MODEL, builtin_notice, find_checkpoint, missing_checkpoint_message
+    from .checkpoints import (
+        BUILTIN_MODEL,
+        BUILTIN_SIZE,
+        builtin_notice,
+        find_checkpoint,
+        missing_checkpoint_message,
+    )
     from .images import load_image, save_png
     from .pipeline import Pipeline, check_settings, check_size
     from .samplers import get_sampler
@@ -162,6 +168,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if checkpoint is None and BUILTIN_MODEL.exists():
         print(builtin_notice(), file=sys.stderr)
         checkpoint = BUILTIN_MODEL
+        if image is None and not args.from_png and args.width is None and args.height is None:
+            params = replace(params, width=BUILTIN_SIZE, height=BUILTIN_SIZE)  # its size, not SD's 512
     if checkpoint is None:
         raise FileNotFoundError(missing_checkpoint_message())
     print(f"loading {checkpoint} ...", file=sys.stderr)
