@@ -112,7 +112,7 @@ def _big_decode(task: dict, loaded: Any) -> None:
     import torch
 
     size, device = task["size"], task["device"]
-    shape = (1, 4, task["latent"], task["latent"])  # SD1.5 (and TINY) latents have 4 channels
+    shape = (1, task["latent_channels"], task["latent"], task["latent"])
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         if task["side"].startswith("ours"):

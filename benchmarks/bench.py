@@ -517,6 +517,7 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
                         "config_folder": str(bench.config_folder),
                         "device": str(bench.device),
                         "latent": row.size // bench.config.vae.downscale,
+                        "latent_channels": bench.config.vae.latent_channels,
                         "context_dim": bench.config.unet.context_dim,
                         "size": row.size,
                         "steps": STEPS,

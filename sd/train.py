@@ -645,11 +645,10 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
         objective = DiffusionLoss(models["clip"], models["diffusion"], abar, cfg.min_snr_gamma, cfg.v_loss)
     emas = {name: EMA(models[name], cfg.ema_decay) for name in trained}
     params = [p for name in trained for p in models[name].parameters()]
-    # One parameter group per component, each with its multiple of the scheduled learning rate.
-    groups = [
-        {"params": list(models[name].parameters()), "lr_scale": cfg.text_lr_scale if name == "clip" else 1.0}
-        for name in trained
-    ]
+    # One parameter group per component, each with its multiple of the scheduled learning rate (taken
+    # from this run's settings, not from a resumed optimizer state).
+    groups = [{"params": list(models[name].parameters())} for name in trained]
+    lr_scales = [cfg.text_lr_scale if name == "clip" else 1.0 for name in trained]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if resume_state is not None:
@@ -725,8 +724,8 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
                 )
                 inputs = tuple(x.to(device) for x in inputs)
 
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step) * group["lr_scale"]
+            for group, scale in zip(optimizer.param_groups, lr_scales, strict=True):
+                group["lr"] = learning_rate(cfg, step) * scale
             with autocast():
                 loss = objective(*inputs)
             optimizer.zero_grad(set_to_none=True)
