@@ -56,13 +56,25 @@ class UNetConfig:
         return 4 * self.model_channels
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """DDPM training noise schedule ("scaled_linear": betas = linspace(sqrt(start), sqrt(end), T)**2)."""
+    """DDPM training noise schedule ("scaled_linear": betas = linspace(sqrt(start), sqrt(end), T)**2)
+    and what the U-Net predicts at each step: the noise eps (SD1.x), or v = sqrt(abar) eps - sqrt(1 - abar) x0
+    (Salimans & Ho 2022; SD2's 768 px models), whose scale stays ~1 at every noise level."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    prediction_type: str = "epsilon"  # one of PREDICTION_TYPES (diffusers' names)
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"unknown prediction type {self.prediction_type!r}: use one of {', '.join(PREDICTION_TYPES)}"
+            )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sd.config import CLIPConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
+from sd.config import PREDICTION_TYPES, CLIPConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
 
 # ---------------------------------------------------------------------------------------------------------
 # Prefixes
@@ -477,7 +477,7 @@ _CLIP_DEFAULTS: dict[str, Any] = {
 
 _SCHEDULER_FIXED: dict[str, tuple[Any, ...]] = {
     "beta_schedule": ("scaled_linear",),
-    "prediction_type": ("epsilon",),
+    "prediction_type": PREDICTION_TYPES,
     "trained_betas": (None,),
     "rescale_betas_zero_snr": (False,),
 }
@@ -684,13 +684,17 @@ def _clip_from_transformers(d: dict[str, Any]) -> CLIPConfig:
 
 def _schedule_from_diffusers(d: dict[str, Any]) -> ScheduleConfig:
     _check_fixed(
-        "scheduler", d, _SCHEDULER_FIXED, {"prediction_type": "only epsilon prediction is supported"}
+        "scheduler",
+        d,
+        _SCHEDULER_FIXED,
+        {"prediction_type": "only epsilon and v_prediction models are supported"},
     )
     default = ScheduleConfig()
     return ScheduleConfig(
         num_train_timesteps=d.get("num_train_timesteps", default.num_train_timesteps),
         beta_start=d.get("beta_start", default.beta_start),
         beta_end=d.get("beta_end", default.beta_end),
+        prediction_type=d.get("prediction_type", default.prediction_type),
     )
 
 
@@ -703,7 +707,7 @@ def config_from_diffusers(
     """``ModelConfig`` for a diffusers folder's config.json dicts (inverse of ``diffusers_configs``).
 
     ``scheduler`` (optional) is scheduler/scheduler_config.json: its training schedule must be
-    ``scaled_linear`` with epsilon prediction; when omitted the SD1 schedule is assumed.
+    ``scaled_linear`` with epsilon or v prediction; when omitted the SD1 schedule is assumed.
     Raises ValueError with a one-line message for architectures our code does not implement.
     """
     u = _unet_from_diffusers(unet)

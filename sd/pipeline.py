@@ -35,7 +35,8 @@ from .decoder import decode_in_tiles
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
 from .params import GenerationParams
-from .samplers import Sampler, get_sampler
+from .samplers import Sampler, eps_from_v, get_sampler
+from .samplers.schedule import alphas_cumprod
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger("sd")
@@ -220,7 +221,7 @@ class Pipeline:
         # Grad mode is switched off inside eps() only: a `with` around the yields would leak into the
         # caller's code between steps.
         @torch.no_grad()
-        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x
             out = unet(x_in.to(dtype), context.to(dtype), t).to(x.dtype)
             if not guided:
@@ -228,6 +229,11 @@ class Pipeline:
             uncond, cond = out.chunk(2)
             return uncond + cfg_scale * (cond - uncond)
 
+        # Guiding v or eps is the same: at a given x_t one is an affine function of the other.
+        schedule = self.config.schedule
+        eps = predict
+        if schedule.prediction_type == "v_prediction":
+            eps = eps_from_v(predict, alphas_cumprod(schedule))
         total = len(sampler.timesteps)
         for index, x in sampler.sample(eps, latents, generator=generator, start=start):
             yield Step(index, total, float(sampler.timesteps[index]), x)

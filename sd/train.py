@@ -41,7 +41,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from .config import SD15, TINY, CLIPConfig, ModelConfig, ScheduleConfig, UNetConfig, VAEConfig
+from .config import (
+    PREDICTION_TYPES,
+    SD15,
+    TINY,
+    CLIPConfig,
+    ModelConfig,
+    ScheduleConfig,
+    UNetConfig,
+    VAEConfig,
+)
 from .datasets import CaptionedImages, read_captioned_folder, shorter_side
 from .ema import EMA
 from .images import tensor_to_uint8
@@ -112,6 +121,7 @@ class TrainConfig:
     vae: str | None = None  # unet stage: take the frozen VAE from this checkpoint, the rest fresh
     resume: str | None = None  # continue the run that wrote this checkpoint
     train_text_encoder: bool = False  # also train a text encoder loaded with --init
+    prediction_type: str | None = None  # what the U-Net learns to predict; None: the model's own
     resolution: int | None = None  # training image side; default: the first image's shorter side
     steps: int = 1000  # total optimizer steps (a resumed run continues up to this)
     batch_size: int = 16  # per process
@@ -274,6 +284,9 @@ def start_models(cfg: TrainConfig) -> tuple[dict[str, nn.Module], ModelConfig, l
         raise ValueError("--vae is for the unet stage (the VAE stage trains one)")
     if cfg.resume:
         models, config = _load(cfg.resume)
+        if cfg.prediction_type not in (None, config.schedule.prediction_type):
+            predicts = config.schedule.prediction_type
+            raise ValueError(f"{cfg.resume} predicts {predicts}: drop --prediction-type")
         return models, config, []  # the trained names come from the state file
     if cfg.init:
         models, config = _load(cfg.init)
@@ -302,6 +315,11 @@ def start_models(cfg: TrainConfig) -> tuple[dict[str, nn.Module], ModelConfig, l
                 "warning: the U-Net will learn the latents of an untrained VAE (see --vae)", file=sys.stderr
             )
         init_fresh_weights_(models, fresh)
+    if cfg.prediction_type not in (None, config.schedule.prediction_type):
+        # Switching a loaded model's parameterisation is a fine-tune like any other (SD2's 768 px
+        # v-model started from its eps base): the U-Net relearns its output, the rest carries over.
+        config = replace(config, schedule=replace(config.schedule, prediction_type=cfg.prediction_type))
+        models["diffusion"].schedule = config.schedule
     if cfg.stage == "vae":
         trained = ["encoder", "decoder"]
     else:
@@ -362,18 +380,19 @@ class VAELoss(nn.Module):
 
 
 class DiffusionLoss(nn.Module):
-    """Epsilon-prediction MSE at uniformly drawn timesteps, optionally Min-SNR weighted.
+    """MSE of the U-Net's prediction at uniformly drawn timesteps, optionally Min-SNR weighted.
 
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the U-Net, given x_t, t and the text, predicts eps.
-    Min-SNR-gamma weights each sample by min(SNR_t, gamma) / SNR_t, so the many nearly-clean timesteps
-    (where eps is hard to see and matters little) stop dominating the gradient; this converges faster.
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the U-Net, given x_t, t and the text, predicts eps
+    or, for a v-prediction model, v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0. Measured on the clean image,
+    eps MSE weights errors by SNR_t (~0.005 at t=999: the noisy steps where layout and colours are decided
+    barely count) and v MSE by SNR_t + 1 (they count fully), and v keeps the target's scale ~1 everywhere.
+    Min-SNR-gamma reweights either to min(SNR_t, gamma) (Hang et al. 2023), so the many nearly-clean
+    timesteps stop dominating the gradient.
 
-    `v_loss` weights it by 1 / abar_t instead, which is exactly the loss of v-prediction written for an
-    epsilon-predicting model (the model, samplers and files stay SD's). In terms of the clean image, plain
-    epsilon MSE weights errors by SNR_t, ~0.005 at t=999, so the noisy steps where the layout and colours
-    of an image are decided barely count, and a small model trained briefly learns to ignore the text
-    there (measured on the shapes model: same loss with right, shuffled and empty captions at t > 700);
-    v's weight SNR_t + 1 gives them full weight.
+    `v_loss` weights the eps MSE by 1 / abar_t, which is v's weighting for an eps-predicting model. Its
+    gradients at the noisiest steps are ~1/abar_t (4,300 at t=999 of the shapes schedule) times those of the
+    clean steps, so a small model learns fine detail slowly under it; a v-prediction model has v's
+    weighting without that imbalance.
     """
 
     def __init__(
@@ -383,11 +402,15 @@ class DiffusionLoss(nn.Module):
         abar: torch.Tensor,
         min_snr_gamma: float | None,
         v_loss: bool = False,
+        prediction_type: str = "epsilon",
     ):
         super().__init__()
         if min_snr_gamma is not None and v_loss:
             raise ValueError("choose one loss weighting: min-SNR or v")
+        if v_loss and prediction_type != "epsilon":
+            raise ValueError("--v-loss reweights an eps-prediction model; v-prediction has it built in")
         self.clip, self.unet, self.min_snr_gamma, self.v_loss = clip, unet, min_snr_gamma, v_loss
+        self.prediction_type = prediction_type
         self.register_buffer("abar", abar, persistent=False)
 
     def forward(
@@ -398,12 +421,18 @@ class DiffusionLoss(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.clip.training):
             context = self.clip(tokens)
         predicted = self.unet(noisy, context, timesteps)
-        per_sample = (predicted.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.prediction_type == "v_prediction":
+            target = abar.sqrt() * noise - (1 - abar).sqrt() * latents
+        else:
+            target = noise
+        per_sample = (predicted.float() - target).pow(2).mean(dim=(1, 2, 3))
+        abar = abar.view(-1)
         if self.min_snr_gamma is not None:
-            snr = abar.view(-1) / (1 - abar.view(-1))
-            per_sample = per_sample * snr.clamp(max=self.min_snr_gamma) / snr
+            snr = abar / (1 - abar)
+            inherent = snr + 1 if self.prediction_type == "v_prediction" else snr  # weight on x0 errors
+            per_sample = per_sample * snr.clamp(max=self.min_snr_gamma) / inherent
         if self.v_loss:
-            per_sample = per_sample / abar.view(-1)
+            per_sample = per_sample / abar
         return per_sample.mean()
 
 
@@ -642,7 +671,14 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
         objective: nn.Module = VAELoss(models["encoder"], models["decoder"], cfg.kl_weight, cfg.recon_loss)
     else:
         abar = alphas_cumprod(config.schedule).to(device)
-        objective = DiffusionLoss(models["clip"], models["diffusion"], abar, cfg.min_snr_gamma, cfg.v_loss)
+        objective = DiffusionLoss(
+            models["clip"],
+            models["diffusion"],
+            abar,
+            cfg.min_snr_gamma,
+            cfg.v_loss,
+            config.schedule.prediction_type,
+        )
     emas = {name: EMA(models[name], cfg.ema_decay) for name in trained}
     params = [p for name in trained for p in models[name].parameters()]
     # One parameter group per component, each with its multiple of the scheduled learning rate (taken
@@ -865,6 +901,12 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     start.add_argument(
         "--train-text-encoder", action="store_true", help="with --init: train the text encoder too"
     )
+    start.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        help="what the U-Net learns to predict: the noise (SD1.5) or v (default: the model's own; the "
+        "shapes preset predicts v). Given with --init, fine-tunes the model into the other kind",
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument(
         "--steps", type=int, default=defaults.steps, help="total optimizer steps (default %(default)s)"
@@ -900,8 +942,8 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> argparse.Argume
     opt.add_argument("--min-snr-gamma", type=float, help="Min-SNR loss weighting, e.g. 5 (default off)")
     opt.add_argument(
         "--v-loss", action="store_true",
-        help="weight the noise MSE by 1/abar_t (v-prediction's loss): the noisy steps that fix layout and "
-        "colours count fully; helps a model trained from scratch follow its captions",
+        help="eps-prediction models: weight the noise MSE by 1/abar_t, v-prediction's weighting (the noisy "
+        "steps that fix layout and colours count fully); --prediction-type v_prediction does this better",
     )  # fmt: skip
     opt.add_argument(
         "--offset-noise", type=float, default=defaults.offset_noise, help="(default %(default)s)"

@@ -344,7 +344,7 @@ def test_refuses_unsupported_architectures(configs: dict[str, dict], needle: str
 @pytest.mark.parametrize(
     ("scheduler", "needle"),
     [
-        ({"prediction_type": "v_prediction"}, "epsilon"),
+        ({"prediction_type": "sample"}, "epsilon and v_prediction"),
         ({"beta_schedule": "linear"}, "beta_schedule"),
         ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ],
@@ -352,6 +352,13 @@ def test_refuses_unsupported_architectures(configs: dict[str, dict], needle: str
 def test_refuses_unsupported_schedules(scheduler: dict, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         config_from_diffusers(**_sd15_dicts(), scheduler=scheduler)
+
+
+def test_reads_the_prediction_type() -> None:
+    assert config_from_diffusers(**_sd15_dicts()).schedule.prediction_type == "epsilon"
+    scheduler = {"prediction_type": "v_prediction", "beta_end": 0.02}
+    schedule = config_from_diffusers(**_sd15_dicts(), scheduler=scheduler).schedule
+    assert (schedule.prediction_type, schedule.beta_end) == ("v_prediction", 0.02)
 
 
 def test_accepts_harmless_variations() -> None:

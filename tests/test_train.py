@@ -179,6 +179,38 @@ def test_loss_weightings_are_the_stated_functions_of_the_timestep():
         DiffusionLoss(models["clip"], models["diffusion"], abar, 5.0, v_loss=True)
 
 
+def test_v_prediction_loss_targets_v():
+    from sd.config import TINY
+    from sd.models import build_models
+    from sd.samplers.schedule import alphas_cumprod
+    from sd.train import DiffusionLoss
+
+    torch.manual_seed(0)
+    models = build_models(TINY)
+    abar = alphas_cumprod(TINY.schedule)
+    generator = torch.Generator().manual_seed(2)
+    latents, noise = torch.randn((2, 1, 4, 8, 8), generator=generator)
+    tokens = torch.randint(0, 49408, (1, 77), generator=generator)
+    for t in (5, 500, 990):
+        a = abar[t]
+        with torch.no_grad():
+            predicted = models["diffusion"](
+                a.sqrt() * latents + (1 - a).sqrt() * noise, models["clip"](tokens), t
+            )
+            v = a.sqrt() * noise - (1 - a).sqrt() * latents
+            snr = (a / (1 - a)).item()
+            for gamma, weight in ((None, 1.0), (5.0, min(snr, 5.0) / (snr + 1))):
+                objective = DiffusionLoss(
+                    models["clip"], models["diffusion"], abar, gamma, False, "v_prediction"
+                )
+                expected = (predicted - v).pow(2).mean().item() * weight
+                assert objective(latents, noise, torch.tensor([t]), tokens).item() == pytest.approx(
+                    expected, rel=1e-5
+                )
+    with pytest.raises(ValueError, match="v-prediction has it built in"):
+        DiffusionLoss(models["clip"], models["diffusion"], abar, None, True, "v_prediction")
+
+
 # --- training runs ----------------------------------------------------------------------------------------
 
 
@@ -236,6 +268,25 @@ def test_text_encoder_learning_rate_scale(shapes_data, tiny_vae, tmp_path):
     unet_params = len(list(result.online["diffusion"].parameters()))
     assert rates[clip_params] == pytest.approx(4.0 * learning_rate(cfg, 1))
     assert rates[unet_params] == pytest.approx(learning_rate(cfg, 1))
+
+
+def test_fine_tune_into_v_prediction(shapes_data, tiny_vae, tmp_path):
+    from sd.pipeline import Pipeline
+    from sd.weights import load_models
+
+    eps_model = tmp_path / "eps.safetensors"
+    train(quick(shapes_data, eps_model, vae=str(tiny_vae), steps=2))
+    v_model = tmp_path / "v.safetensors"
+    result = train(
+        quick(shapes_data, v_model, init=str(eps_model), model=None, steps=2, prediction_type="v_prediction")
+    )
+    assert result.config.schedule.prediction_type == "v_prediction"
+    models = load_models(v_model)
+    assert Pipeline(models).config.schedule.prediction_type == "v_prediction"  # stored in the file
+    with pytest.raises(ValueError, match="drop --prediction-type"):
+        train(
+            quick(shapes_data, v_model, model=None, resume=str(v_model), steps=3, prediction_type="epsilon")
+        )
 
 
 def test_resume_continues_from_the_saved_step(shapes_data, tiny_vae, tmp_path):

@@ -3,6 +3,7 @@
 from sd.samplers.registry import ALIASES, KARRAS_SAMPLERS, SAMPLERS, Sampler, get_sampler
 from sd.samplers.sampling import (
     EpsModel,
+    eps_from_v,
     sample_ddim,
     sample_ddpm,
     sample_dpm_2,
@@ -23,6 +24,7 @@ __all__ = [
     "SAMPLERS",
     "EpsModel",
     "Sampler",
+    "eps_from_v",
     "get_sampler",
     "sample_ddim",
     "sample_ddpm",

@@ -1,7 +1,8 @@
 """The samplers: one short generator function each, yielding the latent after every model call.
 
 All of them drive the same model interface, ``model(x_in, t) -> eps``: the U-Net's noise prediction for the
-VP latent ``x_in`` at U-Net timestep ``t`` (classifier-free guidance, if any, lives inside ``model``).
+VP latent ``x_in`` at U-Net timestep ``t`` (classifier-free guidance, if any, lives inside ``model``; a
+U-Net that predicts v is put behind this interface by ``eps_from_v``).
 
 * VP samplers (ddpm, ddim, plms, lcm, dpmpp_2m, dpmpp_2m_sde, unipc) keep the latent in VP coordinates,
   x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, and call ``model(x, t)`` directly.
@@ -21,7 +22,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sd.samplers.schedule import abar_at
+
 EpsModel = Callable[[Tensor, Tensor], Tensor]
+
+
+def eps_from_v(model: Callable[[Tensor, Tensor], Tensor], abar: Tensor) -> EpsModel:
+    """The eps interface over a v-predicting model: with x_t = sqrt(a) x0 + sqrt(1 - a) eps and
+    v = sqrt(a) eps - sqrt(1 - a) x0, eps = sqrt(a) v + sqrt(1 - a) x_t, a = abar_t (see ``abar_at``)."""
+
+    def eps(x: Tensor, t: Tensor) -> Tensor:
+        a = abar_at(t, abar).to(device=x.device, dtype=torch.float32)
+        return (a.sqrt() * model(x, t) + (1 - a).sqrt() * x).to(x.dtype)
+
+    return eps
 
 
 def randn(x: Tensor, generator: torch.Generator | None, dtype: torch.dtype | None = None) -> Tensor:
