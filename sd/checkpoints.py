@@ -13,7 +13,6 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 # A small model trained on sd.shapes' synthetic dataset ships with the package, so that everything
 # works on the first command; it draws coloured shapes, not photographs.
 BUILTIN_MODEL = Path(__file__).parent / "data" / "shapes-builtin.safetensors"
-BUILTIN_SIZE = 64  # the built-in model's image side (what it was trained on)
 
 
 def builtin_notice() -> str:

@@ -52,8 +52,8 @@ GENERATE_DEFAULTS = dict(
     cfg=7.5,
     sampler="dpmpp_2m",
     karras=False,
-    width=512,
-    height=512,
+    width=None,  # the model's native size (SD1.5: 512; img2img: the input's)
+    height=None,
     strength=0.8,
     clip_skip=1,
 )
@@ -77,8 +77,6 @@ def resolve_params(args: argparse.Namespace):
             return value
         if args.from_png:
             return getattr(base, field)
-        if flag in ("width", "height") and args.init_image:
-            return None  # img2img: the input image's size, filled in once it is read
         return GENERATE_DEFAULTS[flag]
 
     strength = None
@@ -134,7 +132,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .checkpoints import (
         BUILTIN_MODEL,
-        BUILTIN_SIZE,
         builtin_notice,
         find_checkpoint,
         missing_checkpoint_message,
@@ -168,8 +165,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if checkpoint is None and BUILTIN_MODEL.exists():
         print(builtin_notice(), file=sys.stderr)
         checkpoint = BUILTIN_MODEL
-        if image is None and not args.from_png and args.width is None and args.height is None:
-            params = replace(params, width=BUILTIN_SIZE, height=BUILTIN_SIZE)  # its size, not SD's 512
     if checkpoint is None:
         raise FileNotFoundError(missing_checkpoint_message())
     print(f"loading {checkpoint} ...", file=sys.stderr)
@@ -270,8 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--karras", action="store_true", default=None, help="Karras sigma schedule")
     gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only; default 0)")
     gen.add_argument("--seed", type=int, help="random seed (default: a new one, saved in the PNG)")
-    gen.add_argument("--width", type=int, help="multiple of 8 (default 512; img2img: the input's)")
-    gen.add_argument("--height", type=int, help="multiple of 8 (default 512; img2img: the input's)")
+    gen.add_argument(
+        "--width",
+        type=int,
+        help="multiple of 8 (default: the model's own size, 512 for SD1.5; img2img: the input's)",
+    )
+    gen.add_argument(
+        "--height",
+        type=int,
+        help="multiple of 8 (default: the model's own size, 512 for SD1.5; img2img: the input's)",
+    )
     gen.add_argument("-n", "--num", type=int, help="number of images, one batch (default 1)")
     gen.add_argument("--init-image", metavar="PATH", help="start from this image (img2img)")
     gen.add_argument(

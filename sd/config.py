@@ -50,6 +50,9 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     norm_groups: int = 32
+    # Not architecture: the latent side the model was trained at (diffusers' name). Times the VAE's
+    # downscale it is the image side generated when none is asked for (SD1.5: 64 -> 512 px).
+    sample_size: int = 64
 
     @property
     def time_embed_dim(self) -> int:

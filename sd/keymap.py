@@ -394,7 +394,6 @@ def normalize_diffusers_key(component: str, key: str) -> str:
 _UNET_ATTN_DOWN, _UNET_PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _UNET_ATTN_UP, _UNET_PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 _VAE_DOWN, _VAE_UP = "DownEncoderBlock2D", "UpDecoderBlock2D"
-_IMAGE_SIZE = 512  # sample_size fields only set defaults for pipelines; not architectural
 
 # UNet2DConditionModel options our U-Net hard-codes: field -> accepted values (first = what we write; a
 # missing field means diffusers' default, which is always accepted). Fields not listed and not read below
@@ -505,7 +504,7 @@ def diffusers_configs(config: ModelConfig) -> dict[str, dict[str, Any]]:
         "layers_per_block": u.num_res_blocks,
         "norm_num_groups": u.norm_groups,
         "out_channels": u.out_channels,
-        "sample_size": _IMAGE_SIZE // v.downscale,
+        "sample_size": u.sample_size,
         "up_block_types": [
             _UNET_ATTN_UP if i in u.attention_levels else _UNET_PLAIN_UP for i in reversed(levels)
         ],
@@ -522,7 +521,7 @@ def diffusers_configs(config: ModelConfig) -> dict[str, dict[str, Any]]:
         "layers_per_block": v.num_res_blocks,
         "norm_num_groups": v.norm_groups,
         "out_channels": v.in_channels,
-        "sample_size": _IMAGE_SIZE,
+        "sample_size": u.sample_size * v.downscale,
         "scaling_factor": v.scaling_factor,
         "up_block_types": [_VAE_UP] * len(v.channel_mult),
     }
@@ -630,6 +629,8 @@ def _unet_from_diffusers(d: dict[str, Any]) -> UNetConfig:
         transformer_depth=_uniform(what, d, "transformer_layers_per_block", 1),
         context_dim=cross,
         norm_groups=d.get("norm_num_groups", 32),
+        # the default output size; a [height, width] pair (rare) keeps SD1's
+        sample_size=d["sample_size"] if isinstance(d.get("sample_size"), int) else UNetConfig.sample_size,
     )
 
 

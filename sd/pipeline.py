@@ -60,8 +60,11 @@ class Step:
 StepCallback = Callable[[Step], None]
 
 
-def check_size(width: int, height: int, multiple: int = 8) -> None:
+def check_size(width: int | None, height: int | None, multiple: int = 8) -> None:
+    """A clear error for a side the models cannot take; None (the model's own size) passes."""
     for name, value in (("width", width), ("height", height)):
+        if value is None:
+            continue
         if value % multiple or not MIN_SIZE <= value <= MAX_SIZE:
             raise ValueError(
                 f"{name} must be a multiple of {multiple} between {MIN_SIZE} and {MAX_SIZE}, got {value}"
@@ -291,12 +294,17 @@ class Pipeline:
         image.info["parameters"] = params.to_text()
         return image
 
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (SD1.5: 512), the default of txt2img."""
+        return self.config.unet.sample_size * self.config.vae.downscale
+
     def txt2img(
         self,
         prompt: str,
         negative_prompt: str = "",
-        width: int = 512,
-        height: int = 512,
+        width: int | None = None,
+        height: int | None = None,
         steps: int = 25,
         cfg_scale: float = 7.5,
         sampler: str = "dpmpp_2m",
@@ -307,7 +315,9 @@ class Pipeline:
         clip_skip: int = 1,
         callback: StepCallback | None = None,
     ) -> list[Image.Image]:
-        """Images for `prompt`; each PIL image carries its generation parameters in `image.info`."""
+        """Images for `prompt`, `native_size` square unless told; each PIL image carries its generation
+        parameters in `image.info`."""
+        width, height = width or self.native_size, height or self.native_size
         seed = new_seed() if seed is None else seed
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, None, clip_skip)  # fmt: skip

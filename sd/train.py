@@ -78,6 +78,7 @@ SHAPES = ModelConfig(
         num_heads=4,
         context_dim=64,
         norm_groups=1,
+        sample_size=32,  # 64 px images
     ),
     # A noisier end of the schedule than SD's (abar at t=999: 2.3e-4 instead of 4.7e-3). These images are
     # mostly flat background, so a latent's per-channel mean carries most of its variance; under SD's
@@ -641,6 +642,9 @@ def _train(cfg: TrainConfig, workers: Workers, output: Path) -> TrainResult:
     if size < config.vae.downscale:
         raise ValueError(f"resolution must be at least {config.vae.downscale}, got {size}")
     images = CaptionedImages(items, size)
+    # The training side becomes the model's native size, what `sd generate` makes when not told a size.
+    config = replace(config, unet=replace(config.unet, sample_size=size // config.vae.downscale))
+    models["diffusion"].config = config.unet
     tokenizer = CLIPTokenizer()
     empty_tokens = tokenizer([""])[0]
     if cfg.stage == "unet" and cfg.cache_latents:

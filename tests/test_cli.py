@@ -240,3 +240,4 @@ def test_builtin_model_when_no_checkpoint(capsys, tmp_path, caplog) -> None:
     # The CLI above gave the "sd" logger its stderr handler (no propagation to caplog); alone, caplog sees it.
     assert "built-in shapes model" in caplog.text + capsys.readouterr().err
     assert pipe.model_name == BUILTIN_MODEL.stem
+    assert pipe.txt2img("a red circle", steps=2, seed=0)[0].size == (64, 64)  # its size, not SD's 512

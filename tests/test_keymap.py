@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -372,10 +373,15 @@ def test_accepts_harmless_variations() -> None:
         mid_block_type="UNetMidBlock2DCrossAttn",
         upcast_attention=True,
         dropout=0.0,
-        sample_size=96,
         _diffusers_version="0.6.0",
     )
     configs["vae"].update(force_upcast=False, shift_factor=None, mid_block_add_attention=True)
     for key in ("architectures", "model_type", "torch_dtype", "projection_dim"):
         configs["text_encoder"].pop(key)
     assert config_from_diffusers(**configs) == SD15
+    # The trained size is kept, as the default output size (96 latents: SD2's 768 px); not architecture.
+    configs["unet"]["sample_size"] = 96
+    config = config_from_diffusers(**configs)
+    assert config.unet.sample_size == 96
+    assert replace(config.unet, sample_size=64) == SD15.unet
+    assert diffusers_configs(config)["vae"]["sample_size"] == 768

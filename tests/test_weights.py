@@ -151,7 +151,25 @@ def test_save_load_round_trip_is_bit_exact(models, tmp_path, suffix):
         assert not module.training
         assert all(not p.requires_grad and not p.is_meta for p in module.parameters())
     info = describe(path)
-    assert info.usable and info.config == "custom-size SD1.x (from file metadata)"
+    assert (
+        info.usable and info.config == "custom-size SD1.x (from file metadata): 512 px images, predicts noise"
+    )
+
+
+def test_native_size_and_prediction_type_travel_with_the_file(models, tmp_path):
+    from dataclasses import replace
+
+    from sd.models import config_of
+
+    config = replace(
+        TINY,
+        unet=replace(TINY.unet, sample_size=8),
+        schedule=replace(TINY.schedule, prediction_type="v_prediction"),
+    )
+    path = tmp_path / "v.safetensors"
+    save_checkpoint(models, path, config)
+    assert config_of(load_models(path)) == config
+    assert describe(path).config.endswith(": 64 px images, predicts v")
 
 
 def test_saved_safetensors_is_standard(models, tmp_path):
