@@ -85,8 +85,9 @@ SHAPES = ModelConfig(
     # schedule that mean still shows through the noise at t=999 (SNR ~4 for the mean over 32x32 latents),
     # the model learns to read the background colour off the starting noise instead of the caption, and
     # its samples get the seed's colour (measured: background right 15-20% of the time). Samplers follow
-    # the schedule stored in the checkpoint.
-    schedule=ScheduleConfig(beta_end=0.02),
+    # the schedule stored in the checkpoint. The U-Net predicts v, which weighs the noisy steps that fix
+    # layout and colour fully, as SD's noise prediction does not (see DiffusionLoss).
+    schedule=ScheduleConfig(beta_end=0.02, prediction_type="v_prediction"),
 )
 PRESETS: dict[str, ModelConfig] = {"shapes": SHAPES, "tiny": TINY, "sd15": SD15}
 STAGES = ("vae", "unet")

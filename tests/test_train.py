@@ -385,15 +385,22 @@ def test_builtin_file_is_small_and_loads_as_fp32(builtin):
 
 
 def test_builtin_draws_what_the_caption_says(builtin):
-    """What the shipped model does reliably (issue 4's full targets live in benchmarks/eval_shapes.py:
-    shape kind and position are not reached yet). The empty prompt shows that the text, not the seed,
-    sets the background: with it, the background is right only by chance (1 in 11 colours)."""
+    """What the shipped model does reliably, on 16 captions at 12 steps (issue 4's full targets live in
+    benchmarks/eval_shapes.py; shape kind is not reached yet). Measured when it shipped: background 94%,
+    colour 81%, kind 56% (chance: 17%), size 88%, position 62%. Guidance helps: at CFG 1 kind is 38% and
+    size 81%. The empty prompt shows that the text, not the seed, sets the background: with it, the
+    background is right only by chance (1 in 11 colours)."""
     pipe, evaluation = builtin
     captions = evaluation.eval_captions(16)
     guided = evaluation.txt2img_scores(pipe, captions, cfg_scale=6.0, steps=12)
-    assert guided["background"] >= 0.9, guided
-    assert guided["shape_color"] >= 0.5, guided
-    assert guided["size"] >= 0.6, guided
+    assert guided["background"] >= 0.85, guided
+    assert guided["shape_color"] >= 0.65, guided
+    assert guided["shape_kind"] >= 0.35, guided
+    assert guided["size"] >= 0.7, guided
+    assert guided["position"] >= 0.45, guided
+    unguided = evaluation.txt2img_scores(pipe, captions, cfg_scale=1.0, steps=12)
+    layout = ("shape_kind", "size", "position")
+    assert sum(guided[k] for k in layout) >= sum(unguided[k] for k in layout) + 0.1, (guided, unguided)
     blind = evaluation.txt2img_scores(pipe, [("", scene) for _, scene in captions], cfg_scale=6.0, steps=12)
     assert blind["background"] <= 0.4 and blind["shape_color"] <= 0.4, blind
 
@@ -408,6 +415,7 @@ def test_builtin_img2img_keeps_layout_at_low_strength_and_follows_prompt_at_high
     high = evaluation.img2img_scores(pipe, cases, strength=0.9, cfg_scale=6.0, steps=12)
     assert low["input"]["position"] >= high["input"]["position"] + 0.2, (low, high)
     assert high["prompt"]["background"] >= 0.85 and high["prompt"]["shape_color"] >= 0.6, high
+    assert high["prompt"]["shape_kind"] >= 0.35 and high["prompt"]["position"] >= 0.45, high
     assert high["input"]["background"] <= 0.25, high
 
 

@@ -686,7 +686,9 @@ def test_diffusers_folder_matches_original_format(models, diffusers_models, tmp_
     assert_same_weights(models, loaded)
     info = describe(folder)
     assert info.usable and info.family == "SD1.x" and info.format.startswith("diffusers folder")
-    assert info.config == "custom-size SD1.x (from diffusers config.json files)"
+    assert (
+        info.config == "custom-size SD1.x (from diffusers config.json files): 512 px images, predicts noise"
+    )
 
 
 def test_diffusers_folder_bin_weights(models, diffusers_models, tmp_path):
