@@ -152,18 +152,25 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
 
 
-def test_loss_weightings_are_the_stated_functions_of_the_timestep():
+@pytest.fixture(scope="module")
+def loss_inputs():
+    """A TINY model, its schedule's abar, and one (latents, noise, tokens) example."""
     from sd.config import TINY
     from sd.models import build_models
     from sd.samplers.schedule import alphas_cumprod
-    from sd.train import DiffusionLoss
 
     torch.manual_seed(0)
     models = build_models(TINY)
-    abar = alphas_cumprod(TINY.schedule)
     generator = torch.Generator().manual_seed(2)
     latents, noise = torch.randn((2, 1, 4, 8, 8), generator=generator)
     tokens = torch.randint(0, 49408, (1, 77), generator=generator)
+    return models, alphas_cumprod(TINY.schedule), latents, noise, tokens
+
+
+def test_loss_weightings_are_the_stated_functions_of_the_timestep(loss_inputs):
+    from sd.train import DiffusionLoss
+
+    models, abar, latents, noise, tokens = loss_inputs
 
     def loss(t: int, **weighting) -> float:
         objective = DiffusionLoss(models["clip"], models["diffusion"], abar, **weighting)
@@ -179,18 +186,10 @@ def test_loss_weightings_are_the_stated_functions_of_the_timestep():
         DiffusionLoss(models["clip"], models["diffusion"], abar, 5.0, v_loss=True)
 
 
-def test_v_prediction_loss_targets_v():
-    from sd.config import TINY
-    from sd.models import build_models
-    from sd.samplers.schedule import alphas_cumprod
+def test_v_prediction_loss_targets_v(loss_inputs):
     from sd.train import DiffusionLoss
 
-    torch.manual_seed(0)
-    models = build_models(TINY)
-    abar = alphas_cumprod(TINY.schedule)
-    generator = torch.Generator().manual_seed(2)
-    latents, noise = torch.randn((2, 1, 4, 8, 8), generator=generator)
-    tokens = torch.randint(0, 49408, (1, 77), generator=generator)
+    models, abar, latents, noise, tokens = loss_inputs
     for t in (5, 500, 990):
         a = abar[t]
         with torch.no_grad():
