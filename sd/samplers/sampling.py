@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sd.samplers.schedule import abar_at
+from sd.samplers.schedule import abar_at, train_sigmas
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 
@@ -30,9 +30,10 @@ EpsModel = Callable[[Tensor, Tensor], Tensor]
 def eps_from_v(model: Callable[[Tensor, Tensor], Tensor], abar: Tensor) -> EpsModel:
     """The eps interface over a v-predicting model: with x_t = sqrt(a) x0 + sqrt(1 - a) eps and
     v = sqrt(a) eps - sqrt(1 - a) x0, eps = sqrt(a) v + sqrt(1 - a) x_t, a = abar_t (see ``abar_at``)."""
+    log_sigmas = train_sigmas(abar.double().cpu()).log()
 
     def eps(x: Tensor, t: Tensor) -> Tensor:
-        a = abar_at(t, abar).to(device=x.device, dtype=torch.float32)
+        a = abar_at(t, log_sigmas).to(device=x.device, dtype=torch.float32)
         return (a.sqrt() * model(x, t) + (1 - a).sqrt() * x).to(x.dtype)
 
     return eps

@@ -38,15 +38,15 @@ def train_sigmas(abar: Tensor) -> Tensor:
     return ((1 - abar) / abar) ** 0.5
 
 
-def abar_at(t: Tensor, abar: Tensor) -> Tensor:
-    """abar at timesteps t, which may be fractional, as float64 on the CPU.
+def abar_at(t: Tensor, log_sigmas: Tensor) -> Tensor:
+    """abar at timesteps t, which may be fractional, from the float64 CPU table
+    ``train_sigmas(abar.double()).log()``.
 
     Between table entries log sigma is linear in t, the inverse of ``sigma_to_t``, so for a t that a
     k-diffusion sampler derived from a noise level this returns 1 / (sigma**2 + 1) of that very level.
     """
-    log_sigmas = train_sigmas(abar.double().cpu()).log()
-    t = torch.as_tensor(t).detach().double().cpu().clamp(0, len(abar) - 1)
-    low = t.floor().clamp(max=len(abar) - 2).long()
+    t = torch.as_tensor(t).detach().double().cpu().clamp(0, len(log_sigmas) - 1)
+    low = t.floor().clamp(max=len(log_sigmas) - 2).long()
     log_sigma = torch.lerp(log_sigmas[low], log_sigmas[low + 1], t - low)
     return 1 / (1 + (2 * log_sigma).exp())
 
