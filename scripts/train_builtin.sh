@@ -54,7 +54,8 @@ $SD train "$WORK/data" --stage unet --init "$WORK/shapes-a.safetensors" --train-
 #    3c. Fine-tuned into v-prediction (the U-Net predicts v = sqrt(abar) eps - sqrt(1 - abar) x0): --v-loss
 #        gave eps-prediction v's weighting, but its gradients at the noisiest steps were ~1/abar_t (up to
 #        4,300x) those of the clean ones, which starve the fine detail; predicting v weights the same
-#        without that imbalance. Same CPU, 15,000 steps at ~2.6 step/s, ~95 minutes.
+#        without that imbalance. Same CPU, 15,000 steps at ~2.6 step/s: 1 h 43 min as measured (the
+#        machine was partly busy with evaluations).
 $SD train "$WORK/data" --stage unet --init "$WORK/shapes-b.safetensors" --train-text-encoder \
     --prediction-type v_prediction -o "$WORK/shapes.safetensors" \
     --steps 15000 --batch-size 32 --lr 3e-4 --text-lr-scale 4 --lr-schedule cosine --warmup-steps 300 \

@@ -130,12 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from .checkpoints import (
-        BUILTIN_MODEL,
-        builtin_notice,
-        find_checkpoint,
-        missing_checkpoint_message,
-    )
+    from .checkpoints import BUILTIN_MODEL, builtin_notice, find_checkpoint, missing_checkpoint_message
     from .images import load_image, save_png
     from .pipeline import Pipeline, check_settings, check_size
     from .samplers import get_sampler

@@ -87,6 +87,11 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
+    @property
+    def native_size(self) -> int:
+        """The image side the model was trained at (SD1.5: 512): the default output size."""
+        return self.unet.sample_size * self.vae.downscale
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

@@ -297,7 +297,7 @@ class Pipeline:
     @property
     def native_size(self) -> int:
         """The image side the model was trained at (SD1.5: 512), the default of txt2img."""
-        return self.config.unet.sample_size * self.config.vae.downscale
+        return self.config.native_size
 
     def txt2img(
         self,

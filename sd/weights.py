@@ -1281,9 +1281,8 @@ def describe(path: str | os.PathLike, *, config: ModelConfig | None = None) -> C
     info.family = _identify({k: e.shape for k, e in source.entries.items()}).name
     chosen = config or source.config or SD15
     origin = "given" if config else f"from {source.config_origin}" if source.config else "default"
-    native = chosen.unet.sample_size * chosen.vae.downscale
     predicts = "v" if chosen.schedule.prediction_type == "v_prediction" else "noise"
-    info.config = f"{_config_name(chosen)} ({origin}): {native} px images, predicts {predicts}"
+    info.config = f"{_config_name(chosen)} ({origin}): {chosen.native_size} px images, predicts {predicts}"
     try:
         plan = _plan(source, chosen)
     except CheckpointError as error:
