@@ -384,37 +384,37 @@ def test_builtin_file_is_small_and_loads_as_fp32(builtin):
 
 
 def test_builtin_draws_what_the_caption_says(builtin):
-    """What the shipped model does reliably, on 16 captions at 12 steps (issue 4's full targets live in
-    benchmarks/eval_shapes.py; shape kind is not reached yet). Measured when it shipped: background 94%,
-    colour 81%, kind 56% (chance: 17%), size 88%, position 62%. Guidance helps: at CFG 1 kind is 38% and
-    size 81%. The empty prompt shows that the text, not the seed, sets the background: with it, the
-    background is right only by chance (1 in 11 colours)."""
+    """Issue 4's checks at a size CI affords: 16 captions at 12 steps (the 100-caption evaluation is
+    benchmarks/eval_shapes.py). Measured when the model shipped: background 94%, colour 88%, kind 88%
+    (chance: 17%), size 94%, position 100%. Guidance helps: at CFG 1 kind falls to 50%. The empty prompt
+    shows that the text, not the seed, sets the background: with it, the background is right only by
+    chance (1 in 11 colours)."""
     pipe, evaluation = builtin
     captions = evaluation.eval_captions(16)
     guided = evaluation.txt2img_scores(pipe, captions, cfg_scale=6.0, steps=12)
     assert guided["background"] >= 0.85, guided
-    assert guided["shape_color"] >= 0.65, guided
-    assert guided["shape_kind"] >= 0.35, guided
-    assert guided["size"] >= 0.7, guided
-    assert guided["position"] >= 0.45, guided
+    assert guided["shape_color"] >= 0.75, guided
+    assert guided["shape_kind"] >= 0.7, guided
+    assert guided["size"] >= 0.8, guided
+    assert guided["position"] >= 0.85, guided
     unguided = evaluation.txt2img_scores(pipe, captions, cfg_scale=1.0, steps=12)
     layout = ("shape_kind", "size", "position")
-    assert sum(guided[k] for k in layout) >= sum(unguided[k] for k in layout) + 0.1, (guided, unguided)
+    assert sum(guided[k] for k in layout) >= sum(unguided[k] for k in layout) + 0.3, (guided, unguided)
     blind = evaluation.txt2img_scores(pipe, [("", scene) for _, scene in captions], cfg_scale=6.0, steps=12)
     assert blind["background"] <= 0.4 and blind["shape_color"] <= 0.4, blind
 
 
 def test_builtin_img2img_keeps_layout_at_low_strength_and_follows_prompt_at_high(builtin):
-    """Each input gets a caption on another background. At 0.3 the shapes stay where they were far more
-    often than at 0.9; at 0.9 the image follows the new caption. (The shapes preset's noisier schedule
-    makes strength 0.3 noisier than SD's: the background already follows the caption there.)"""
+    """Each input gets a caption on another background. At 0.3 the shapes stay where they were (measured
+    69%, against 12% at 0.9, which is chance); at 0.9 the image follows the new caption. Colours follow
+    the caption already at 0.3 under guidance (see benchmarks/eval_shapes.py)."""
     pipe, evaluation = builtin
     cases = evaluation.img2img_cases(16)
     low = evaluation.img2img_scores(pipe, cases, strength=0.3, cfg_scale=6.0, steps=12)
     high = evaluation.img2img_scores(pipe, cases, strength=0.9, cfg_scale=6.0, steps=12)
-    assert low["input"]["position"] >= high["input"]["position"] + 0.2, (low, high)
-    assert high["prompt"]["background"] >= 0.85 and high["prompt"]["shape_color"] >= 0.6, high
-    assert high["prompt"]["shape_kind"] >= 0.35 and high["prompt"]["position"] >= 0.45, high
+    assert low["input"]["position"] >= high["input"]["position"] + 0.4, (low, high)
+    assert high["prompt"]["background"] >= 0.85 and high["prompt"]["shape_color"] >= 0.65, high
+    assert high["prompt"]["shape_kind"] >= 0.7 and high["prompt"]["position"] >= 0.85, high
     assert high["input"]["background"] <= 0.25, high
 
 
