@@ -126,13 +126,42 @@ def output_paths(out: str | None, count: int, seed: int) -> list[Path]:
     return paths
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def load_pipeline(args: argparse.Namespace):
+    """The Pipeline that --ckpt, --device, --dtype, --backend and --vae-tiling ask for (with no
+    checkpoint anywhere: the built-in model, said in one line)."""
     import torch
-    from tqdm import tqdm
 
     from .checkpoints import BUILTIN_MODEL, builtin_notice, find_checkpoint, missing_checkpoint_message
+    from .pipeline import Pipeline
+
+    checkpoint = find_checkpoint(args.ckpt)
+    if checkpoint is None and BUILTIN_MODEL.exists():
+        print(builtin_notice(), file=sys.stderr)
+        checkpoint = BUILTIN_MODEL
+    if checkpoint is None:
+        raise FileNotFoundError(missing_checkpoint_message())
+    print(f"loading {checkpoint} ...", file=sys.stderr)
+    if args.backend == "openvino":
+        from .backends.openvino import compile_models, precision_for
+
+        pipe = Pipeline.from_checkpoint(checkpoint, device="cpu")  # converted from fp32 weights
+        precision = precision_for(args.dtype)
+        print(
+            f"converting to OpenVINO ({precision}; cached on disk after the first run) ...", file=sys.stderr
+        )
+        pipe.models = compile_models(pipe.models, precision=precision, weights_id=pipe.model_hash)
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
+    pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
+    return pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .images import load_image, save_png
-    from .pipeline import Pipeline, check_settings, check_size
+    from .pipeline import check_settings, check_size
     from .samplers import get_sampler
 
     params = resolve_params(args)
@@ -154,27 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be at least 1, got {num}")
     # --from-png of one image of a batch: re-run the batch (one shared generator), keep that image.
     keep = [params.batch_pos] if args.from_png and args.num is None and num > 1 else None
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-
-    checkpoint = find_checkpoint(args.ckpt)
-    if checkpoint is None and BUILTIN_MODEL.exists():
-        print(builtin_notice(), file=sys.stderr)
-        checkpoint = BUILTIN_MODEL
-    if checkpoint is None:
-        raise FileNotFoundError(missing_checkpoint_message())
-    print(f"loading {checkpoint} ...", file=sys.stderr)
-    if args.backend == "openvino":
-        from .backends.openvino import compile_models, precision_for
-
-        pipe = Pipeline.from_checkpoint(checkpoint, device="cpu")  # converted from fp32 weights
-        precision = precision_for(args.dtype)
-        print(
-            f"converting to OpenVINO ({precision}; cached on disk after the first run) ...", file=sys.stderr
-        )
-        pipe.models = compile_models(pipe.models, precision=precision, weights_id=pipe.model_hash)
-    else:
-        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
-    pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
+    pipe = load_pipeline(args)
     total = len(sampler.timesteps) - (sampler.start_index(params.strength) if image else 0)
     bars: list[tqdm] = []  # opened at the first step, so warnings from prompt encoding print cleanly
 
@@ -212,6 +221,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- sd serve --------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import LOCAL_HOSTS, Service, make_server
+
+    server = make_server(None, args.host, args.port)  # a taken port fails before the model loads
+    try:
+        server.service = Service(load_pipeline(args))
+        host, port = server.server_address[:2]
+        if args.host not in LOCAL_HOSTS:
+            print(f"warning: listening on {args.host}: anyone who can reach port {port} can use the model",
+                  file=sys.stderr)  # fmt: skip
+        print(f"serving at http://{host}:{port}/ (A1111-style API under /sdapi/v1; Ctrl-C stops)",
+              file=sys.stderr)  # fmt: skip
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("sd serve: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 class StderrHandler(logging.Handler):
     """Warnings as 'warning: ...' lines on whatever sys.stderr is at the time."""
 
@@ -222,10 +254,43 @@ class StderrHandler(logging.Handler):
 # --- parser --------------------------------------------------------------------------------------------
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {text!r}")
+    return int(text)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The flags `load_pipeline` reads: which checkpoint, and how to run it."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--ckpt", metavar="PATH", help=".ckpt / .safetensors file or diffusers folder")
+    group.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    group.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="compute dtype: bf16 is ~2x faster on CPUs with avx512_bf16/AMX (default fp32)",
+    )
+    group.add_argument(
+        "--vae-tiling",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode the image in overlapping tiles: bounded memory for huge images, slightly different "
+        "pixels (default auto: above 1024x1024)",
+    )
+    group.add_argument(
+        "--backend",
+        choices=("torch", "openvino"),
+        default="torch",
+        help="openvino: run our modules converted by OpenVINO (pip install 'sd[openvino]')",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sd",
-        description="Stable Diffusion v1.5 from scratch: generate images and inspect checkpoints.",
+        description="Stable Diffusion v1.5 from scratch: generate images, serve them over HTTP, train "
+        "models and inspect checkpoints.",
         epilog="Run 'sd COMMAND --help' for the options of a command.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -246,7 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="?", help='what to draw ("" = unconditional)')
     gen.add_argument("--negative", metavar="TEXT", help="negative prompt: what to avoid (default: none)")
-    gen.add_argument("--ckpt", metavar="PATH", help=".ckpt / .safetensors file or diffusers folder")
     gen.add_argument("--steps", type=int, help=f"sampling steps (default {GENERATE_DEFAULTS['steps']})")
     gen.add_argument(
         "--cfg",
@@ -278,26 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-skip", type=int, help="use the N-th last CLIP layer (default 1)")
     gen.add_argument("--from-png", metavar="FILE", help="take the settings from a PNG made by sd (or A1111)")
     gen.add_argument("-o", "--output", metavar="OUT", help="FILE.png or folder (default ./outputs/)")
-    gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    gen.add_argument(
-        "--dtype",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="compute dtype: bf16 is ~2x faster on CPUs with avx512_bf16/AMX (default fp32)",
-    )
-    gen.add_argument(
-        "--vae-tiling",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="decode the image in overlapping tiles: bounded memory for huge images, slightly different "
-        "pixels (default auto: above 1024x1024)",
-    )
-    gen.add_argument(
-        "--backend",
-        choices=("torch", "openvino"),
-        default="torch",
-        help="openvino: run our modules converted by OpenVINO (pip install 'sd[openvino]')",
-    )
+    add_model_options(gen)
     gen.set_defaults(run=cmd_generate)
 
     from .shapes import add_make_shapes_command
@@ -305,6 +350,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_make_shapes_command(commands)
     add_train_command(commands)
+
+    from .server import DEFAULT_HOST, DEFAULT_PORT
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the model over HTTP (an AUTOMATIC1111-style API)",
+        description="""Load the model once and answer HTTP requests, in the shape of AUTOMATIC1111's API:
+  POST /sdapi/v1/txt2img   JSON with A1111's fields: prompt, negative_prompt, seed (-1: random), steps,
+                           cfg_scale, sampler_name ("Euler a", "DPM++ 2M" or ours), scheduler ("Karras"),
+                           width, height, batch_size, n_iter, clip_skip
+  POST /sdapi/v1/img2img   the same, plus init_images (one base64 image) and denoising_strength
+  GET  /sdapi/v1/progress  how far the running job is;  POST /sdapi/v1/interrupt stops it
+  GET  /sdapi/v1/samplers, /sdapi/v1/sd-models
+Answers hold base64 PNGs with their parameters inside. One job runs at a time; bad requests get
+status 400 and a one-line "detail".""",
+        epilog="""examples:
+  sd serve                                  # http://127.0.0.1:7860, this machine only
+  sd serve --ckpt v1-5-pruned-emaonly.safetensors --dtype bf16
+  curl -s localhost:7860/sdapi/v1/txt2img -d '{"prompt": "a red circle", "seed": 1}' > answer.json
+  (answer.json: {"images": [base64 PNG, ...], "parameters": {...}, "info": "<JSON: seeds, ...>"})""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0: every interface)",
+    )
+    serve.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help=f"(default {DEFAULT_PORT}; 0: any free one)"
+    )
+    add_model_options(serve)
+    serve.set_defaults(run=cmd_serve)
 
     samplers = commands.add_parser("samplers", help="list the samplers", description="List the samplers.")
     samplers.set_defaults(run=cmd_samplers)

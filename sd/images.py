@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -38,13 +40,24 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"image not found: {path}")
+    return _open_rgb(path, f"image {path}")
+
+
+def image_from_bytes(data: bytes, label: str = "image") -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, WebP, ...) as upright 8-bit RGB; one-line ValueError if not one."""
+    return _open_rgb(io.BytesIO(data), label)
+
+
+def _open_rgb(source: Path | BinaryIO, label: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             return to_rgb(image)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot read {label}: not an image format PIL knows") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot read {label}: {error}") from None
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -59,8 +72,9 @@ def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def save_png(image: Image.Image, path: str | Path, parameters: str | None = None) -> None:
-    """Write a PNG, with the generation parameters in its `parameters` text chunk."""
+def save_png(image: Image.Image, path: str | Path | BinaryIO, parameters: str | None = None) -> None:
+    """Write a PNG (to a path or a binary file), with the generation parameters in its `parameters` text
+    chunk."""
     info = PngImagePlugin.PngInfo()
     if parameters:
         info.add_text(PARAMETERS_KEY, parameters)

@@ -1,0 +1,444 @@
+"""`sd serve`: an HTTP API over one loaded model, shaped like AUTOMATIC1111's web API.
+
+Clients written for A1111's `/sdapi/v1` routes work unchanged for what SD1.x generation needs:
+
+    POST /sdapi/v1/txt2img    {"prompt": "a red fox", "steps": 20, "seed": 42, "sampler_name": "Euler a"}
+    POST /sdapi/v1/img2img    {"prompt": ..., "init_images": ["<base64 PNG>"], "denoising_strength": 0.6}
+    GET  /sdapi/v1/progress   how far the running job is
+    POST /sdapi/v1/interrupt  stop the running job
+    GET  /sdapi/v1/samplers   the sampler names
+    GET  /sdapi/v1/sd-models  the loaded model
+
+Answers carry base64 PNGs with their generation parameters in the `parameters` text chunk (so
+`sd generate --from-png` reproduces them) and an `info` JSON string with the seeds. One job runs at a time
+(one model in memory); the others wait for it. A bad request gets status 400 and a one-line `detail`, never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .images import image_from_bytes, save_png
+from .params import A1111_SAMPLER_NAMES
+from .pipeline import Pipeline, check_settings, check_size, new_seed
+from .samplers import ALIASES, SAMPLERS, get_sampler
+
+DEFAULT_HOST = "127.0.0.1"  # this machine only: anyone who can reach the port can use the model
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_PORT = 7860  # A1111's, so its clients find us without settings
+MAX_BODY_BYTES = 64 * 2**20
+MAX_IMAGES = 16  # batch_size x n_iter per request
+
+# Request fields we read, with A1111's defaults where ours would surprise its clients. Fields A1111 has
+# and we do not (restore_faces, styles, ...) are ignored and listed in the answer's info.
+TXT2IMG_DEFAULTS: dict[str, Any] = {
+    "prompt": "",
+    "negative_prompt": "",
+    "seed": -1,
+    "steps": 20,
+    "cfg_scale": 7.0,
+    "sampler_name": "dpmpp_2m",
+    "scheduler": "automatic",
+    "width": None,  # the model's own size (SD1.5: 512)
+    "height": None,
+    "batch_size": 1,
+    "n_iter": 1,
+    "clip_skip": 1,
+    "eta": 0.0,
+}
+IMG2IMG_DEFAULTS: dict[str, Any] = {
+    **TXT2IMG_DEFAULTS,
+    "init_images": None,
+    "denoising_strength": 0.75,
+    "width": None,  # the input's size, rounded down to a multiple of 8
+    "height": None,
+}
+SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # A1111 name -> karras
+
+
+class BadRequestError(ValueError):
+    """A request we refuse, with the one line that says why."""
+
+
+class JobInterruptedError(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """What /progress reports about the running request."""
+
+    running: bool = False
+    step: int = 0
+    total: int = 0
+    started: float = 0.0
+    interrupt: threading.Event = field(default_factory=threading.Event)
+
+
+# --- reading requests ------------------------------------------------------------------------------------
+
+
+def _typed(request: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = request.get(name)
+    if value is None:  # absent, or null as some clients send
+        return default
+    if isinstance(value, bool) or not isinstance(value, kind):
+        wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BadRequestError(f"{name} must be {wanted}, got {json.dumps(value)}")
+    return value
+
+
+def sampler_of(name: str, scheduler: str) -> tuple[str, bool]:
+    """(our sampler name, karras) from A1111's sampler and scheduler names, or ours."""
+    karras = SCHEDULERS.get(scheduler.lower())
+    if karras is None:
+        raise BadRequestError(f"scheduler {scheduler!r} is not supported; use one of {', '.join(SCHEDULERS)}")
+    lowered = name.lower()
+    if lowered.endswith(" karras"):  # older A1111 clients fold the schedule into the sampler name
+        lowered, karras = lowered.removesuffix(" karras"), True
+    return A1111_SAMPLER_NAMES.get(lowered, lowered), karras
+
+
+def decode_init_image(data: Any):
+    if not isinstance(data, str):
+        raise BadRequestError("init_images must be a list of base64-encoded images")
+    if data.startswith("data:"):  # a data URL: data:image/png;base64,....
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError("init_images[0] is not valid base64") from None
+    try:
+        return image_from_bytes(raw, "init_images[0]")
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked generation request."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg_scale: float
+    sampler: str
+    karras: bool
+    width: int | None
+    height: int | None
+    batch_size: int
+    n_iter: int
+    clip_skip: int
+    eta: float
+    image: Any = None  # PIL image for img2img
+    strength: float | None = None
+    ignored: tuple[str, ...] = ()
+
+
+def parse_request(body: dict[str, Any], img2img: bool) -> Request:
+    """Check every field before any work: a BadRequestError names the first problem."""
+    if not isinstance(body, dict):
+        raise BadRequestError("the request body must be a JSON object")
+    defaults = IMG2IMG_DEFAULTS if img2img else TXT2IMG_DEFAULTS
+    get = lambda name, kind: _typed(body, name, kind, defaults[name])  # noqa: E731
+    sampler_name = body.get("sampler_name") or body.get("sampler_index") or defaults["sampler_name"]
+    if not isinstance(sampler_name, str):
+        raise BadRequestError(f"sampler_name must be str, got {json.dumps(sampler_name)}")
+    sampler, karras = sampler_of(sampler_name, get("scheduler", str) or "automatic")
+    seed = get("seed", int)
+    request = Request(
+        prompt=get("prompt", str),
+        negative_prompt=get("negative_prompt", str),
+        seed=new_seed() if seed is None or seed < 0 else seed,
+        steps=get("steps", int),
+        cfg_scale=float(get("cfg_scale", (int, float))),
+        sampler=sampler,
+        karras=karras,
+        width=get("width", int),
+        height=get("height", int),
+        batch_size=get("batch_size", int),
+        n_iter=get("n_iter", int),
+        clip_skip=get("clip_skip", int),
+        eta=float(get("eta", (int, float))),
+        ignored=tuple(sorted(set(body) - set(defaults) - {"sampler_index"})),
+    )
+    if request.seed >= 2**32:
+        raise BadRequestError(f"seed must be below 2**32, got {request.seed}")
+    if request.batch_size < 1 or request.n_iter < 1:
+        raise BadRequestError("batch_size and n_iter must be at least 1")
+    if request.batch_size * request.n_iter > MAX_IMAGES:
+        raise BadRequestError(f"at most {MAX_IMAGES} images per request (batch_size x n_iter)")
+    if request.clip_skip < 1:
+        raise BadRequestError(f"clip_skip must be at least 1, got {request.clip_skip}")
+    strength = None
+    if img2img:
+        images = body.get("init_images")
+        if not isinstance(images, list) or len(images) != 1:
+            raise BadRequestError("img2img needs init_images: a list of one base64-encoded image")
+        strength = float(get("denoising_strength", (int, float)))
+    try:
+        check_size(request.width, request.height)
+        check_settings(request.steps, request.cfg_scale, strength)
+        get_sampler(request.sampler, request.steps, karras=request.karras, eta=request.eta)
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
+    if img2img:  # decoding last: cheap checks first
+        request = Request(**{**request.__dict__, "image": decode_init_image(images[0]), "strength": strength})
+    return request
+
+
+# --- running them ------------------------------------------------------------------------------------------
+
+
+class Service:
+    """The model and the one job it runs at a time."""
+
+    def __init__(self, pipe: Pipeline):
+        self.pipe = pipe
+        self.lock = threading.Lock()
+        self.job = Job()
+
+    def generate(self, request: Request) -> dict[str, Any]:
+        with self.lock:
+            sampler = get_sampler(request.sampler, request.steps, self.pipe.config.schedule, request.karras)
+            per_batch = len(sampler.timesteps)
+            if request.strength is not None:
+                per_batch -= sampler.start_index(request.strength)
+            self.job = Job(running=True, total=per_batch * request.n_iter, started=time.monotonic())
+            try:
+                return self._run(request)
+            except ValueError as error:  # what the pipeline refuses (e.g. a size its VAE cannot take)
+                raise BadRequestError(str(error)) from None
+            finally:
+                self.job.running = False
+
+    def _run(self, request: Request) -> dict[str, Any]:
+        job = self.job
+
+        def progress(_step: object) -> None:
+            if job.interrupt.is_set():
+                raise JobInterruptedError(f"interrupted at step {job.step} of {job.total}")
+            job.step += 1
+
+        warnings = _WarningCollector()
+        logger = logging.getLogger("sd")
+        logger.addHandler(warnings)
+        images, seeds = [], []
+        try:
+            for iteration in range(request.n_iter):
+                # A1111 numbers the seeds of a request's batches: seed, seed + 1, ...
+                seed = (request.seed + iteration) % 2**32
+                common = dict(
+                    prompt=request.prompt,
+                    negative_prompt=request.negative_prompt,
+                    width=request.width,
+                    height=request.height,
+                    steps=request.steps,
+                    cfg_scale=request.cfg_scale,
+                    sampler=request.sampler,
+                    karras=request.karras,
+                    eta=request.eta,
+                    seed=seed,
+                    num_images=request.batch_size,
+                    clip_skip=request.clip_skip,
+                    callback=progress,
+                )
+                if request.image is None:
+                    batch = self.pipe.txt2img(**common)
+                else:
+                    batch = self.pipe.img2img(request.image, strength=request.strength, **common)
+                images += batch
+                seeds += [seed] * len(batch)
+        finally:
+            logger.removeHandler(warnings)
+        infotexts = [image.info.get("parameters", "") for image in images]
+        info = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "seed": request.seed,
+            "all_seeds": seeds,
+            "steps": request.steps,
+            "cfg_scale": request.cfg_scale,
+            "sampler_name": request.sampler + (" karras" if request.karras else ""),
+            "width": images[0].width,
+            "height": images[0].height,
+            "denoising_strength": request.strength,
+            "sd_model_name": self.pipe.model_name,
+            "sd_model_hash": self.pipe.model_hash,
+            "infotexts": infotexts,
+            "warnings": warnings.messages,
+            "ignored_fields": list(request.ignored),
+        }
+        return {
+            "images": [_png_base64(image) for image in images],
+            "parameters": {k: v for k, v in request.__dict__.items() if k not in ("image", "ignored")},
+            "info": json.dumps(info),
+        }
+
+    def progress(self) -> dict[str, Any]:
+        job = self.job
+        fraction = job.step / job.total if job.running and job.total else 0.0
+        elapsed = time.monotonic() - job.started if job.running else 0.0
+        eta = elapsed / fraction - elapsed if fraction else 0.0
+        return {
+            "progress": fraction,
+            "eta_relative": eta,
+            "state": {
+                "job_count": int(job.running),
+                "sampling_step": job.step if job.running else 0,
+                "sampling_steps": job.total if job.running else 0,
+                "interrupted": job.interrupt.is_set(),
+            },
+            "current_image": None,
+            "textinfo": None,
+        }
+
+    def interrupt(self) -> dict[str, Any]:
+        if self.job.running:
+            self.job.interrupt.set()
+        return {}
+
+    def samplers(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": name,
+                "aliases": [alias for alias, target in ALIASES.items() if target == name],
+                "options": {"description": description},
+            }
+            for name, description in SAMPLERS.items()
+        ]
+
+    def models(self) -> list[dict[str, Any]]:
+        name = self.pipe.model_name or "model"
+        title = f"{name} [{self.pipe.model_hash}]" if self.pipe.model_hash else name
+        return [{"title": title, "model_name": name, "hash": self.pipe.model_hash, "config": None}]
+
+
+class _WarningCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    save_png(image, buffer, image.info.get("parameters"))
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "sd"
+
+    @property
+    def service(self) -> Service:
+        return self.server.service  # type: ignore[attr-defined]
+
+    def do_GET(self) -> None:
+        routes = {
+            "/": self._index,
+            "/sdapi/v1/progress": self.service.progress,
+            "/sdapi/v1/samplers": self.service.samplers,
+            "/sdapi/v1/sd-models": self.service.models,
+        }
+        self._dispatch(routes, "GET")
+
+    def do_POST(self) -> None:
+        routes = {
+            "/sdapi/v1/txt2img": lambda: self.service.generate(parse_request(self._json(), img2img=False)),
+            "/sdapi/v1/img2img": lambda: self.service.generate(parse_request(self._json(), img2img=True)),
+            "/sdapi/v1/interrupt": self.service.interrupt,
+        }
+        self._dispatch(routes, "POST")
+
+    def _index(self) -> dict[str, Any]:
+        return {
+            "name": "sd",
+            "model": self.service.pipe.model_name,
+            "routes": ["GET /sdapi/v1/progress", "GET /sdapi/v1/samplers", "GET /sdapi/v1/sd-models",
+                       "POST /sdapi/v1/txt2img", "POST /sdapi/v1/img2img", "POST /sdapi/v1/interrupt"],
+        }  # fmt: skip
+
+    def _dispatch(self, routes: dict[str, Any], method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        handler = routes.get(path)
+        if handler is None:
+            self._send_error(HTTPStatus.NOT_FOUND, f"no route {method} {path}; GET / lists them")
+            return
+        try:
+            self._send(HTTPStatus.OK, handler())
+        except BadRequestError as error:
+            self._send_error(HTTPStatus.BAD_REQUEST, str(error))
+        except BodyTooLargeError as error:
+            self._send_error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, str(error))
+        except JobInterruptedError as error:
+            self._send_error(HTTPStatus.CONFLICT, str(error))
+        except Exception as error:  # a bug: say so in one line, keep serving
+            logging.getLogger("sd").exception("request failed")
+            self._send_error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(error).__name__}: {error}")
+
+    def _json(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise BodyTooLargeError(f"request body over {MAX_BODY_BYTES // 2**20} MiB")
+        try:
+            return json.loads(self.rfile.read(length) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequestError(f"the request body is not JSON: {error}") from None
+
+    def _send(self, status: HTTPStatus, payload: Any) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _send_error(self, status: HTTPStatus, detail: str) -> None:
+        self.close_connection = True  # an unread body must not be parsed as the next request
+        self.detail = detail
+        self._send(status, {"error": status.phrase, "detail": detail})
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        detail = getattr(self, "detail", None)
+        self.log_message('"%s" %s%s', self.requestline, code, f": {detail}" if detail else "")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        print(f"{self.address_string()} {format % args}", file=sys.stderr)
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+def make_server(
+    service: Service | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+) -> ThreadingHTTPServer:
+    """A server bound to host:port (port 0: any free one); give it its `service` (here or as the
+    attribute, before serving), then call serve_forever(). Binding first lets a taken port fail fast,
+    before a model is loaded."""
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    server.daemon_threads = True
+    server.service = service  # type: ignore[attr-defined]
+    return server

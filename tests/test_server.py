@@ -1,0 +1,230 @@
+"""`sd serve`: the A1111-style HTTP API gives what the Python API gives and refuses bad requests in a line."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sd import TINY
+from sd.cli import main
+from sd.pipeline import Pipeline
+from sd.server import MAX_IMAGES, Service, make_server
+from sd.testing import random_models
+
+SIZE = dict(width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def served():
+    pipe = Pipeline(random_models(TINY), model_name="tiny", model_hash="0123456789")
+    server = make_server(Service(pipe), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", pipe
+    server.shutdown()
+    server.server_close()
+
+
+def call(url: str, path: str, body: object | None = None) -> tuple[int, object]:
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def images_of(answer: dict) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(data))) for data in answer["images"]]
+
+
+def same_pixels(a: Image.Image, b: Image.Image) -> bool:
+    return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
+
+
+def test_txt2img_gives_what_the_python_api_gives(served):
+    url, pipe = served
+    request = {"prompt": "a red cat", "negative_prompt": "blur", "seed": 7, "steps": 4, "cfg_scale": 5,
+               "sampler_name": "Euler a", "batch_size": 2, "send_images": True, **SIZE}  # fmt: skip
+    status, answer = call(url, "/sdapi/v1/txt2img", request)
+    assert status == 200, answer
+    expected = pipe.txt2img("a red cat", "blur", steps=4, cfg_scale=5, sampler="euler_a", seed=7,
+                            num_images=2, **SIZE)  # fmt: skip
+    got = images_of(answer)
+    assert len(got) == 2 and all(same_pixels(g, e) for g, e in zip(got, expected, strict=True))
+    assert not same_pixels(got[0], expected[1])  # the two images of the batch differ
+    # Each PNG carries its parameters, as a saved file would (sd generate --from-png reads them).
+    assert [g.info["parameters"] for g in got] == [e.info["parameters"] for e in expected]
+    info = json.loads(answer["info"])
+    assert info["all_seeds"] == [7, 7] and info["seed"] == 7 and info["sd_model_hash"] == "0123456789"
+    assert info["ignored_fields"] == ["send_images"]
+
+
+def test_a1111_sampler_and_scheduler_names(served):
+    url, pipe = served
+    base = {"prompt": "a boat", "seed": 3, "steps": 5, **SIZE}
+    karras = [call(url, "/sdapi/v1/txt2img", {**base, **names})[1] for names in (
+        {"sampler_name": "DPM++ 2M", "scheduler": "Karras"},
+        {"sampler_name": "DPM++ 2M Karras"},  # older clients fold the schedule into the name
+        {"sampler_name": "dpmpp_2m", "scheduler": "karras"},
+    )]  # fmt: skip
+    expected = pipe.txt2img("a boat", steps=5, cfg_scale=7.0, sampler="dpmpp_2m", karras=True, seed=3, **SIZE)
+    for answer in karras:
+        assert same_pixels(images_of(answer)[0], expected[0])
+    plain = call(url, "/sdapi/v1/txt2img", {**base, "sampler_name": "DPM++ 2M"})[1]
+    assert not same_pixels(images_of(plain)[0], expected[0])
+
+
+def test_n_iter_numbers_the_seeds_and_a_random_seed_is_reported(served):
+    url, pipe = served
+    status, answer = call(
+        url, "/sdapi/v1/txt2img", {"prompt": "x", "seed": 10, "n_iter": 2, "steps": 3, **SIZE}
+    )
+    assert status == 200 and json.loads(answer["info"])["all_seeds"] == [10, 11]
+    second = pipe.txt2img("x", steps=3, cfg_scale=7.0, sampler="dpmpp_2m", seed=11, **SIZE)[0]
+    assert same_pixels(images_of(answer)[1], second)
+    _, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "x", "seed": -1, "steps": 2, **SIZE})
+    seed = json.loads(answer["info"])["seed"]
+    assert 0 <= seed < 2**32 and f"Seed: {seed}," in images_of(answer)[0].info["parameters"]
+
+
+def test_img2img_takes_a_base64_image_or_data_url(served):
+    url, pipe = served
+    rng = np.random.default_rng(0)
+    source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    expected = pipe.img2img(source, "a dog", strength=0.5, steps=6, cfg_scale=7.0, sampler="dpmpp_2m", seed=5)
+    for image in (encoded, "data:image/png;base64," + encoded):
+        request = {
+            "prompt": "a dog",
+            "init_images": [image],
+            "denoising_strength": 0.5,
+            "steps": 6,
+            "seed": 5,
+        }
+        status, answer = call(url, "/sdapi/v1/img2img", request)
+        assert status == 200, answer
+        assert same_pixels(images_of(answer)[0], expected[0])
+        assert json.loads(answer["info"])["denoising_strength"] == 0.5
+
+
+NOT_AN_IMAGE = base64.b64encode(b"hello").decode()
+_png = io.BytesIO()
+Image.new("RGB", (64, 64), "red").save(_png, format="PNG")
+RED_PNG = base64.b64encode(_png.getvalue()).decode()
+BAD_REQUESTS = {
+    "prompt not text": ("txt2img", {"prompt": 3}, "prompt must be str"),
+    "seed not a number": ("txt2img", {"seed": "abc"}, "seed must be int"),
+    "width not a multiple of 8": ("txt2img", {"width": 100}, "width must be a multiple of 8"),
+    "no steps": ("txt2img", {"steps": 0}, "steps must be at least 1"),
+    "negative CFG": ("txt2img", {"cfg_scale": -1}, "CFG scale"),
+    "unknown sampler": ("txt2img", {"sampler_name": "nope"}, "unknown sampler 'nope'"),
+    "unknown scheduler": ("txt2img", {"scheduler": "Exponential"}, "scheduler 'Exponential'"),
+    "too many images": ("txt2img", {"batch_size": MAX_IMAGES, "n_iter": 2}, f"at most {MAX_IMAGES}"),
+    "body is a list": ("txt2img", [1], "JSON object"),
+    "body not JSON": ("txt2img", b"{nope", "not JSON"),
+    "no init image": ("img2img", {"prompt": "x"}, "needs init_images"),
+    "init image not base64": ("img2img", {"init_images": ["@@"]}, "not valid base64"),
+    "init image not an image": ("img2img", {"init_images": [NOT_AN_IMAGE]}, "init_images[0]: not an image"),
+    "strength above 1": ("img2img", {"init_images": [RED_PNG], "denoising_strength": 1.5}, "strength must"),
+}
+
+
+@pytest.mark.parametrize("route, body, fragment", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_bad_requests_get_400_and_one_line(served, route, body, fragment):
+    url, _ = served
+    status, answer = call(url, f"/sdapi/v1/{route}", body)
+    assert status == 400, answer
+    assert fragment in answer["detail"] and "\n" not in answer["detail"], answer
+
+
+def test_routes_and_unknown_paths(served):
+    url, _ = served
+    status, index = call(url, "/")
+    assert status == 200 and "POST /sdapi/v1/txt2img" in index["routes"]
+    _, samplers = call(url, "/sdapi/v1/samplers")
+    by_name = {s["name"]: s for s in samplers}
+    assert "dpmpp_2m" in by_name and "euler_a" in by_name
+    _, models = call(url, "/sdapi/v1/sd-models")
+    assert models[0]["title"] == "tiny [0123456789]"
+    status, answer = call(url, "/sdapi/v1/txt2imgs", {})
+    assert status == 404 and "no route POST /sdapi/v1/txt2imgs" in answer["detail"]
+    assert call(url, "/sdapi/v1/txt2img")[0] == 404  # GET of a POST route
+
+
+def test_an_oversized_body_is_refused_unread(served):
+    url, _ = served
+    connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+    connection.putrequest("POST", "/sdapi/v1/txt2img")
+    connection.putheader("Content-Length", str(2**40))
+    connection.endheaders()
+    answer = connection.getresponse()
+    assert answer.status == 413 and "request body over" in json.loads(answer.read())["detail"]
+    connection.close()
+
+
+def test_over_long_prompt_is_reported_in_the_answer(served):
+    url, _ = served
+    status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "cat " * 100, "steps": 1, **SIZE})
+    assert status == 200
+    assert any("longer than 75 tokens" in w for w in json.loads(answer["info"])["warnings"])
+
+
+def test_progress_while_running_and_interrupt(served):
+    url, _ = served
+    results = {}
+    request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", **SIZE}
+    worker = threading.Thread(target=lambda: results.update(answer=call(url, "/sdapi/v1/txt2img", request)))
+    worker.start()
+    deadline = time.monotonic() + 60
+    progress = call(url, "/sdapi/v1/progress")[1]
+    while progress["state"]["sampling_step"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        progress = call(url, "/sdapi/v1/progress")[1]
+    assert progress["state"]["sampling_steps"] == 1000 and progress["state"]["job_count"] == 1
+    assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+    assert call(url, "/sdapi/v1/interrupt", {})[0] == 200
+    worker.join(60)
+    status, answer = results["answer"]
+    assert status == 409 and "interrupted at step" in answer["detail"], answer
+    after = call(url, "/sdapi/v1/progress")[1]
+    assert after["state"]["job_count"] == 0 and after["progress"] == 0
+    # The next job runs normally: the interrupt belonged to the one before.
+    assert call(url, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, **SIZE})[0] == 200
+
+
+def test_serve_defaults_to_this_machine_only():
+    from sd.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+
+
+def test_serve_refuses_a_taken_port_before_loading_a_model(capsys, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The checkpoint does not exist: had it been loaded first, the error would be about it.
+        code = main(["serve", "--port", str(port), "--ckpt", str(tmp_path / "missing.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_rejects_a_bad_port(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", "70000"])
+    assert exit_info.value.code == 2 and "a port is a number from 0 to 65535" in capsys.readouterr().err
