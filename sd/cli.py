@@ -192,25 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bars.append(tqdm(total=total, desc="sampling", unit="step", file=sys.stderr))
         bars[0].update()
 
-    common = dict(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        steps=params.steps,
-        cfg_scale=params.cfg_scale,
-        sampler=params.sampler,
-        karras=params.karras,
-        eta=args.eta,
-        seed=params.seed,
-        num_images=num,
-        clip_skip=params.clip_skip,
-        callback=progress,
-    )
-    if image is None:
-        images = pipe.txt2img(width=params.width, height=params.height, **common)
-    else:
-        images = pipe.img2img(
-            image, strength=params.strength, width=params.width, height=params.height, **common
-        )
+    images = pipe.run(params, image, num_images=num, eta=args.eta, callback=progress)
     for bar in bars:
         bar.close()
     if keep is not None:

@@ -299,6 +299,29 @@ class Pipeline:
         """The image side the model was trained at (SD1.5: 512), the default of txt2img."""
         return self.config.native_size
 
+    def run(
+        self,
+        params: GenerationParams,
+        image: Image.Image | None = None,
+        num_images: int = 1,
+        eta: float = 0.0,
+        callback: StepCallback | None = None,
+    ) -> list[Image.Image]:
+        """Images for a whole `GenerationParams` (e.g. read back from a PNG); img2img when `image` is given.
+
+        Unset sizes (None) become the model's own (txt2img) or the image's rounded down to a multiple of
+        the VAE's downscale (img2img, as diffusers does)."""
+        if image is None:
+            width, height = params.width or self.native_size, params.height or self.native_size
+        else:
+            if params.strength is None:
+                raise ValueError("img2img needs a strength in (0, 1]")
+            image = to_rgb(image)
+            down = self.config.vae.downscale
+            width = params.width or image.width - image.width % down
+            height = params.height or image.height - image.height % down
+        return self._run(replace(params, width=width, height=height), num_images, eta, callback, image)
+
     def txt2img(
         self,
         prompt: str,
@@ -317,11 +340,10 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Images for `prompt`, `native_size` square unless told; each PIL image carries its generation
         parameters in `image.info`."""
-        width, height = width or self.native_size, height or self.native_size
         seed = new_seed() if seed is None else seed
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, None, clip_skip)  # fmt: skip
-        return self._run(params, num_images, eta, callback)
+        return self.run(params, None, num_images, eta, callback)
 
     def img2img(
         self,
@@ -343,14 +365,10 @@ class Pipeline:
     ) -> list[Image.Image]:
         """Re-imagine `image`; `strength` 1.0 ignores it, small values keep it. Size defaults to the
         image's, rounded down to a multiple of 8 (as diffusers does)."""
-        image = to_rgb(image)
-        down = self.config.vae.downscale
-        width = width or image.width - image.width % down
-        height = height or image.height - image.height % down
         seed = new_seed() if seed is None else seed
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, strength, clip_skip)  # fmt: skip
-        return self._run(params, num_images, eta, callback, image)
+        return self.run(params, image, num_images, eta, callback)
 
 
 def generate(

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .images import image_from_bytes, save_png
-from .params import A1111_SAMPLER_NAMES
+from .params import A1111_SAMPLER_NAMES, GenerationParams
 from .pipeline import Pipeline, check_settings, check_size, new_seed
 from .samplers import ALIASES, SAMPLERS, get_sampler
 
@@ -241,25 +241,12 @@ class Service:
             for iteration in range(request.n_iter):
                 # A1111 numbers the seeds of a request's batches: seed, seed + 1, ...
                 seed = (request.seed + iteration) % 2**32
-                common = dict(
-                    prompt=request.prompt,
-                    negative_prompt=request.negative_prompt,
-                    width=request.width,
-                    height=request.height,
-                    steps=request.steps,
-                    cfg_scale=request.cfg_scale,
-                    sampler=request.sampler,
-                    karras=request.karras,
-                    eta=request.eta,
-                    seed=seed,
-                    num_images=request.batch_size,
-                    clip_skip=request.clip_skip,
-                    callback=progress,
-                )
-                if request.image is None:
-                    batch = self.pipe.txt2img(**common)
-                else:
-                    batch = self.pipe.img2img(request.image, strength=request.strength, **common)
+                params = GenerationParams(
+                    request.prompt, request.negative_prompt, request.steps, request.sampler, request.karras,
+                    request.cfg_scale, seed, request.width, request.height, request.strength,
+                    request.clip_skip,
+                )  # fmt: skip
+                batch = self.pipe.run(params, request.image, request.batch_size, request.eta, progress)
                 images += batch
                 seeds += [seed] * len(batch)
         finally:

@@ -246,3 +246,24 @@ def test_seed_generate_equals_pipeline(world: World) -> None:
     )
     assert seed_api.shape == (SIZE, SIZE, 3)  # the seed's API resizes the input to width x height
     assert np.array_equal(seed_api, np.asarray(image))
+
+
+def test_run_replays_the_parameters_an_image_carries(world: World) -> None:
+    if world.name != "tiny":
+        pytest.skip("API equivalence needs no full-size model")
+    from sd.params import GenerationParams
+
+    pipe = Pipeline(world.ours)
+    images = pipe.txt2img(PROMPT, NEGATIVE, steps=3, sampler="euler_a", seed=4, num_images=2, width=SIZE,
+                          height=SIZE)  # fmt: skip
+    params = GenerationParams.from_text(images[1].info["parameters"])
+    again = pipe.run(params, num_images=params.batch_size)
+    assert np.array_equal(np.asarray(again[1]), np.asarray(images[1]))
+    assert not np.array_equal(np.asarray(again[0]), np.asarray(images[1]))  # a different image of the batch
+
+    picture = init_image(80, 72)
+    (edited,) = pipe.img2img(picture, PROMPT, strength=0.5, steps=4, seed=2)
+    replayed = pipe.run(GenerationParams.from_text(edited.info["parameters"]), picture)
+    assert edited.size == (80, 72) and np.array_equal(np.asarray(replayed[0]), np.asarray(edited))
+    with pytest.raises(ValueError, match="img2img needs a strength"):
+        pipe.run(GenerationParams(PROMPT, steps=2), picture)
