@@ -50,7 +50,7 @@ from .keymap import (
     split_ldm_key,
     vae_reshape_keys,
 )
-from .models import COMPONENTS, build_models, prefer_channels_last
+from .models import CHANNELS_LAST, COMPONENTS, build_models, prefer_channels_last
 
 __all__ = [
     "SUPPORTED",
@@ -1048,11 +1048,15 @@ def _materialize(plan: _Plan, device: torch.device | str, dtype: torch.dtype | N
         for key, entry in plan.tensors[component].items():
             tensor, owned = entry.read()
             want = target if tensor.is_floating_point() else tensor.dtype
-            if owned and tensor.dtype == want and tensor.device == device:
+            # Conv weights are copied straight into the layout they will run in (models.CHANNELS_LAST),
+            # so prefer_channels_last below has nothing left to copy.
+            layout = torch.channels_last if component in CHANNELS_LAST and tensor.dim() == 4 else None
+            if owned and tensor.dtype == want and tensor.device == device and layout is None:
                 value = tensor
             else:
                 # copy=True: the result owns its memory, never a view of the file mapping.
-                value = tensor.to(device=device, dtype=want, copy=True, memory_format=torch.contiguous_format)
+                layout = layout or torch.contiguous_format
+                value = tensor.to(device=device, dtype=want, copy=True, memory_format=layout)
                 entry.release(tensor)
             del tensor
             state[key] = value
