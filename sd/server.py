@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -128,23 +128,13 @@ def decode_init_image(data: Any):
 
 @dataclass(frozen=True)
 class Request:
-    """A checked generation request."""
+    """A checked generation request: the parameters of each batch, and how many batches."""
 
-    prompt: str
-    negative_prompt: str
-    seed: int
-    steps: int
-    cfg_scale: float
-    sampler: str
-    karras: bool
-    width: int | None
-    height: int | None
+    params: GenerationParams  # the first batch's; batch k has seed + k
     batch_size: int
     n_iter: int
-    clip_skip: int
     eta: float
     image: Any = None  # PIL image for img2img
-    strength: float | None = None
     ignored: tuple[str, ...] = ()
 
 
@@ -159,44 +149,45 @@ def parse_request(body: dict[str, Any], img2img: bool) -> Request:
         raise BadRequestError(f"sampler_name must be str, got {json.dumps(sampler_name)}")
     sampler, karras = sampler_of(sampler_name, get("scheduler", str) or "automatic")
     seed = get("seed", int)
-    request = Request(
+    params = GenerationParams(
         prompt=get("prompt", str),
         negative_prompt=get("negative_prompt", str),
-        seed=new_seed() if seed is None or seed < 0 else seed,
         steps=get("steps", int),
-        cfg_scale=float(get("cfg_scale", (int, float))),
         sampler=sampler,
         karras=karras,
+        cfg_scale=float(get("cfg_scale", (int, float))),
+        seed=new_seed() if seed is None or seed < 0 else seed,
         width=get("width", int),
         height=get("height", int),
+        strength=float(get("denoising_strength", (int, float))) if img2img else None,
+        clip_skip=get("clip_skip", int),
+    )
+    request = Request(
+        params,
         batch_size=get("batch_size", int),
         n_iter=get("n_iter", int),
-        clip_skip=get("clip_skip", int),
         eta=float(get("eta", (int, float))),
         ignored=tuple(sorted(set(body) - set(defaults) - {"sampler_index"})),
     )
-    if request.seed >= 2**32:
-        raise BadRequestError(f"seed must be below 2**32, got {request.seed}")
+    if params.seed >= 2**32:
+        raise BadRequestError(f"seed must be below 2**32, got {params.seed}")
     if request.batch_size < 1 or request.n_iter < 1:
         raise BadRequestError("batch_size and n_iter must be at least 1")
     if request.batch_size * request.n_iter > MAX_IMAGES:
         raise BadRequestError(f"at most {MAX_IMAGES} images per request (batch_size x n_iter)")
-    if request.clip_skip < 1:
-        raise BadRequestError(f"clip_skip must be at least 1, got {request.clip_skip}")
-    strength = None
-    if img2img:
-        images = body.get("init_images")
-        if not isinstance(images, list) or len(images) != 1:
-            raise BadRequestError("img2img needs init_images: a list of one base64-encoded image")
-        strength = float(get("denoising_strength", (int, float)))
+    if params.clip_skip < 1:
+        raise BadRequestError(f"clip_skip must be at least 1, got {params.clip_skip}")
+    images = body.get("init_images")
+    if img2img and (not isinstance(images, list) or len(images) != 1):
+        raise BadRequestError("img2img needs init_images: a list of one base64-encoded image")
     try:
-        check_size(request.width, request.height)
-        check_settings(request.steps, request.cfg_scale, strength)
-        get_sampler(request.sampler, request.steps, karras=request.karras, eta=request.eta)
+        check_size(params.width, params.height)
+        check_settings(params.steps, params.cfg_scale, params.strength)
+        get_sampler(params.sampler, params.steps, karras=params.karras, eta=request.eta)
     except ValueError as error:
         raise BadRequestError(str(error)) from None
     if img2img:  # decoding last: cheap checks first
-        request = Request(**{**request.__dict__, "image": decode_init_image(images[0]), "strength": strength})
+        request = replace(request, image=decode_init_image(images[0]))
     return request
 
 
@@ -213,10 +204,11 @@ class Service:
 
     def generate(self, request: Request) -> dict[str, Any]:
         with self.lock:
-            sampler = get_sampler(request.sampler, request.steps, self.pipe.config.schedule, request.karras)
+            params = request.params
+            sampler = get_sampler(params.sampler, params.steps, self.pipe.config.schedule, params.karras)
             per_batch = len(sampler.timesteps)
-            if request.strength is not None:
-                per_batch -= sampler.start_index(request.strength)
+            if params.strength is not None:
+                per_batch -= sampler.start_index(params.strength)
             self.job = Job(running=True, total=per_batch * request.n_iter, started=time.monotonic())
             try:
                 return self._run(request)
@@ -240,38 +232,36 @@ class Service:
         try:
             for iteration in range(request.n_iter):
                 # A1111 numbers the seeds of a request's batches: seed, seed + 1, ...
-                seed = (request.seed + iteration) % 2**32
-                params = GenerationParams(
-                    request.prompt, request.negative_prompt, request.steps, request.sampler, request.karras,
-                    request.cfg_scale, seed, request.width, request.height, request.strength,
-                    request.clip_skip,
-                )  # fmt: skip
+                params = replace(request.params, seed=(request.params.seed + iteration) % 2**32)
                 batch = self.pipe.run(params, request.image, request.batch_size, request.eta, progress)
                 images += batch
-                seeds += [seed] * len(batch)
+                seeds += [params.seed] * len(batch)
         finally:
             logger.removeHandler(warnings)
-        infotexts = [image.info.get("parameters", "") for image in images]
+        params = request.params
         info = {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt,
-            "seed": request.seed,
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "seed": params.seed,
             "all_seeds": seeds,
-            "steps": request.steps,
-            "cfg_scale": request.cfg_scale,
-            "sampler_name": request.sampler + (" karras" if request.karras else ""),
+            "steps": params.steps,
+            "cfg_scale": params.cfg_scale,
+            "sampler_name": params.sampler + (" karras" if params.karras else ""),
             "width": images[0].width,
             "height": images[0].height,
-            "denoising_strength": request.strength,
+            "denoising_strength": params.strength,
             "sd_model_name": self.pipe.model_name,
             "sd_model_hash": self.pipe.model_hash,
-            "infotexts": infotexts,
+            "infotexts": [image.info.get("parameters", "") for image in images],
             "warnings": warnings.messages,
             "ignored_fields": list(request.ignored),
         }
+        per_image = ("batch_pos", "model", "model_hash")  # in each image's own parameters
+        parameters = {k: v for k, v in asdict(params).items() if k not in per_image}
+        parameters |= {"batch_size": request.batch_size, "n_iter": request.n_iter, "eta": request.eta}
         return {
             "images": [_png_base64(image) for image in images],
-            "parameters": {k: v for k, v in request.__dict__.items() if k not in ("image", "ignored")},
+            "parameters": parameters,
             "info": json.dumps(info),
         }
 
