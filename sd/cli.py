@@ -341,10 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="""Load the model once and answer HTTP requests, in the shape of AUTOMATIC1111's API:
   POST /sdapi/v1/txt2img   JSON with A1111's fields: prompt, negative_prompt, seed (-1: random), steps,
                            cfg_scale, sampler_name ("Euler a", "DPM++ 2M" or ours), scheduler ("Karras"),
-                           width, height, batch_size, n_iter, clip_skip
+                           width, height, batch_size, n_iter, clip_skip (or override_settings)
   POST /sdapi/v1/img2img   the same, plus init_images (one base64 image) and denoising_strength
   GET  /sdapi/v1/progress  how far the running job is;  POST /sdapi/v1/interrupt stops it
-  GET  /sdapi/v1/samplers, /sdapi/v1/sd-models
+  GET  /sdapi/v1/samplers, /sdapi/v1/sd-models, /sdapi/v1/options
 Answers hold base64 PNGs with their parameters inside. One job runs at a time; bad requests get
 status 400 and a one-line "detail".""",
         epilog="""examples:

@@ -7,7 +7,7 @@ Clients written for A1111's `/sdapi/v1` routes work unchanged for what SD1.x gen
     GET  /sdapi/v1/progress   how far the running job is
     POST /sdapi/v1/interrupt  stop the running job
     GET  /sdapi/v1/samplers   the sampler names
-    GET  /sdapi/v1/sd-models  the loaded model
+    GET  /sdapi/v1/sd-models  the loaded model (and /sdapi/v1/options: its title, as clients read it)
 
 Answers carry base64 PNGs with their generation parameters in the `parameters` text chunk (so
 `sd generate --from-png` reproduces them) and an `info` JSON string with the seeds. One job runs at a time
@@ -66,6 +66,7 @@ IMG2IMG_DEFAULTS: dict[str, Any] = {
     "height": None,
 }
 SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # A1111 name -> karras
+CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 
 
 class BadRequestError(ValueError):
@@ -126,6 +127,19 @@ def decode_init_image(data: Any):
         raise BadRequestError(str(error)) from None
 
 
+def _clip_skip(body: dict[str, Any], clip_skip: int) -> int:
+    """A1111 clients set clip skip as an option: override_settings.CLIP_stop_at_last_layers."""
+    overrides = body.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise BadRequestError("override_settings must be a JSON object")
+    value = overrides.get(CLIP_SKIP_OPTION)
+    if value is None:
+        return clip_skip
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadRequestError(f"{CLIP_SKIP_OPTION} must be int, got {json.dumps(value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class Request:
     """A checked generation request: the parameters of each batch, and how many batches."""
@@ -160,14 +174,14 @@ def parse_request(body: dict[str, Any], img2img: bool) -> Request:
         width=get("width", int),
         height=get("height", int),
         strength=float(get("denoising_strength", (int, float))) if img2img else None,
-        clip_skip=get("clip_skip", int),
+        clip_skip=_clip_skip(body, get("clip_skip", int)),
     )
     request = Request(
         params,
         batch_size=get("batch_size", int),
         n_iter=get("n_iter", int),
         eta=float(get("eta", (int, float))),
-        ignored=tuple(sorted(set(body) - set(defaults) - {"sampler_index"})),
+        ignored=tuple(sorted(set(body) - set(defaults) - {"sampler_index", "override_settings"})),
     )
     if params.seed >= 2**32:
         raise BadRequestError(f"seed must be below 2**32, got {params.seed}")
@@ -298,10 +312,17 @@ class Service:
             for name, description in SAMPLERS.items()
         ]
 
+    def _title(self) -> str:
+        name = self.pipe.model_name or "model"
+        return f"{name} [{self.pipe.model_hash}]" if self.pipe.model_hash else name
+
     def models(self) -> list[dict[str, Any]]:
         name = self.pipe.model_name or "model"
-        title = f"{name} [{self.pipe.model_hash}]" if self.pipe.model_hash else name
-        return [{"title": title, "model_name": name, "hash": self.pipe.model_hash, "config": None}]
+        return [{"title": self._title(), "model_name": name, "hash": self.pipe.model_hash, "config": None}]
+
+    def options(self) -> dict[str, Any]:
+        """The few A1111 options clients read: the loaded model, and clip skip's default."""
+        return {"sd_model_checkpoint": self._title(), CLIP_SKIP_OPTION: 1}
 
 
 class _WarningCollector(logging.Handler):
@@ -335,6 +356,7 @@ class Handler(BaseHTTPRequestHandler):
             "/sdapi/v1/progress": self.service.progress,
             "/sdapi/v1/samplers": self.service.samplers,
             "/sdapi/v1/sd-models": self.service.models,
+            "/sdapi/v1/options": self.service.options,
         }
         self._dispatch(routes, "GET")
 
@@ -351,6 +373,7 @@ class Handler(BaseHTTPRequestHandler):
             "name": "sd",
             "model": self.service.pipe.model_name,
             "routes": ["GET /sdapi/v1/progress", "GET /sdapi/v1/samplers", "GET /sdapi/v1/sd-models",
+                       "GET /sdapi/v1/options",
                        "POST /sdapi/v1/txt2img", "POST /sdapi/v1/img2img", "POST /sdapi/v1/interrupt"],
         }  # fmt: skip
 

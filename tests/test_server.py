@@ -86,6 +86,19 @@ def test_a1111_sampler_and_scheduler_names(served):
     assert not same_pixels(images_of(plain)[0], expected[0])
 
 
+def test_clip_skip_as_a1111_clients_send_it(served):
+    url, pipe = served
+    request = {"prompt": "a house", "seed": 2, "steps": 3, **SIZE}
+    skip2 = call(url, "/sdapi/v1/txt2img", {**request, "override_settings": {"CLIP_stop_at_last_layers": 2}})[
+        1
+    ]
+    expected = pipe.txt2img("a house", steps=3, cfg_scale=7.0, seed=2, clip_skip=2, **SIZE)[0]
+    assert same_pixels(images_of(skip2)[0], expected) and "Clip skip: 2" in expected.info["parameters"]
+    plain = call(url, "/sdapi/v1/txt2img", request)[1]
+    assert not same_pixels(images_of(plain)[0], expected)
+    assert json.loads(skip2["info"])["ignored_fields"] == []
+
+
 def test_n_iter_numbers_the_seeds_and_a_random_seed_is_reported(served):
     url, pipe = served
     status, answer = call(
@@ -134,6 +147,11 @@ BAD_REQUESTS = {
     "unknown sampler": ("txt2img", {"sampler_name": "nope"}, "unknown sampler 'nope'"),
     "unknown scheduler": ("txt2img", {"scheduler": "Exponential"}, "scheduler 'Exponential'"),
     "too many images": ("txt2img", {"batch_size": MAX_IMAGES, "n_iter": 2}, f"at most {MAX_IMAGES}"),
+    "clip skip not a number": (
+        "txt2img",
+        {"override_settings": {"CLIP_stop_at_last_layers": "2"}},
+        "must be int",
+    ),
     "body is a list": ("txt2img", [1], "JSON object"),
     "body not JSON": ("txt2img", b"{nope", "not JSON"),
     "no init image": ("img2img", {"prompt": "x"}, "needs init_images"),
@@ -160,6 +178,7 @@ def test_routes_and_unknown_paths(served):
     assert "dpmpp_2m" in by_name and "euler_a" in by_name
     _, models = call(url, "/sdapi/v1/sd-models")
     assert models[0]["title"] == "tiny [0123456789]"
+    assert call(url, "/sdapi/v1/options")[1]["sd_model_checkpoint"] == "tiny [0123456789]"
     status, answer = call(url, "/sdapi/v1/txt2imgs", {})
     assert status == 404 and "no route POST /sdapi/v1/txt2imgs" in answer["detail"]
     assert call(url, "/sdapi/v1/txt2img")[0] == 404  # GET of a POST route
