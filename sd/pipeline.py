@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .allocator import tune_malloc
 from .checkpoints import (
     BUILTIN_MODEL,
     builtin_notice,
@@ -111,6 +112,8 @@ class Pipeline:
         self.model_name = model_name
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
+        if self.device.type == "cpu":
+            tune_malloc()
         for model in models.values():
             model.to(self.idle_device or self.device)
 

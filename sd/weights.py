@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .allocator import tune_malloc
 from .config import SD15, ModelConfig, ScheduleConfig
 from .keymap import (
     LDM_COMPONENT_PREFIXES,
@@ -1107,6 +1108,8 @@ def load_models(
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    if torch.device(device).type == "cpu":
+        tune_malloc()  # before the weights: they are allocated once, the activations every step
     source = _open(path)
     plan = _plan(source, config or source.config or SD15, use_ema)
     del source  # the plan's entries hold what is needed; the file mapping goes when they do
