@@ -132,12 +132,7 @@ def _clip_skip(body: dict[str, Any], clip_skip: int) -> int:
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise BadRequestError("override_settings must be a JSON object")
-    value = overrides.get(CLIP_SKIP_OPTION)
-    if value is None:
-        return clip_skip
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BadRequestError(f"{CLIP_SKIP_OPTION} must be int, got {json.dumps(value)}")
-    return value
+    return _typed(overrides, CLIP_SKIP_OPTION, int, clip_skip)
 
 
 @dataclass(frozen=True)
