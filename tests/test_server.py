@@ -6,6 +6,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -247,3 +248,34 @@ def test_serve_rejects_a_bad_port(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", "--port", "70000"])
     assert exit_info.value.code == 2 and "a port is a number from 0 to 65535" in capsys.readouterr().err
+
+
+def test_sd_serve_end_to_end_with_the_built_in_model(tmp_path):
+    """The command itself: start on a free port, answer, stop cleanly on Ctrl-C (SIGINT)."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from sd.checkpoints import BUILTIN_MODEL
+
+    if not BUILTIN_MODEL.exists():
+        pytest.skip("no built-in model")
+    env = {k: v for k, v in os.environ.items() if k != "SD_CHECKPOINT"}
+    env["SD_HOME"] = str(tmp_path)  # no checkpoint anywhere: the built-in model
+    process = subprocess.Popen([sys.executable, "-m", "sd", "serve", "--port", "0"], env=env,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "serving at" in line:
+                break
+        found = re.search(r"serving at (http://127\.0\.0\.1:\d+)/", "".join(lines))
+        assert found and "built-in shapes model" in "".join(lines), lines
+        status, answer = call(found.group(1), "/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": 4})
+        assert status == 200 and images_of(answer)[0].size == (64, 64)  # the model's own size
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=30)[1]
+    assert process.returncode == 0 and "sd serve: stopped" in rest, rest
