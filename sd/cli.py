@@ -176,15 +176,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_size(params.width, params.height)
     check_settings(params.steps, params.cfg_scale, params.strength)
     sampler = get_sampler(params.sampler, params.steps, karras=params.karras, eta=args.eta)
-    if params.strength is not None:
-        sampler.start_index(params.strength)
+    total = sampler.calls(params.strength)  # also refuses a strength that leaves no steps
     num = args.num if args.num is not None else (params.batch_size if args.from_png else 1)
     if num < 1:
         raise ValueError(f"-n must be at least 1, got {num}")
     # --from-png of one image of a batch: re-run the batch (one shared generator), keep that image.
     keep = [params.batch_pos] if args.from_png and args.num is None and num > 1 else None
     pipe = load_pipeline(args)
-    total = len(sampler.timesteps) - (sampler.start_index(params.strength) if image else 0)
     bars: list[tqdm] = []  # opened at the first step, so warnings from prompt encoding print cleanly
 
     def progress(step: object) -> None:

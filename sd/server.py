@@ -51,7 +51,7 @@ TXT2IMG_DEFAULTS: dict[str, Any] = {
     "cfg_scale": 7.0,
     "sampler_name": "dpmpp_2m",
     "scheduler": "automatic",
-    "width": None,  # the model's own size (SD1.5: 512)
+    "width": None,  # the model's own size (SD1.5: 512); img2img: the input's, rounded down to a multiple of 8
     "height": None,
     "batch_size": 1,
     "n_iter": 1,
@@ -62,8 +62,6 @@ IMG2IMG_DEFAULTS: dict[str, Any] = {
     **TXT2IMG_DEFAULTS,
     "init_images": None,
     "denoising_strength": 0.75,
-    "width": None,  # the input's size, rounded down to a multiple of 8
-    "height": None,
 }
 SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # A1111 name -> karras
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
@@ -165,7 +163,7 @@ def parse_request(body: dict[str, Any], img2img: bool) -> Request:
         sampler=sampler,
         karras=karras,
         cfg_scale=float(get("cfg_scale", (int, float))),
-        seed=new_seed() if seed is None or seed < 0 else seed,
+        seed=new_seed() if seed < 0 else seed,
         width=get("width", int),
         height=get("height", int),
         strength=float(get("denoising_strength", (int, float))) if img2img else None,
@@ -215,10 +213,8 @@ class Service:
         with self.lock:
             params = request.params
             sampler = get_sampler(params.sampler, params.steps, self.pipe.config.schedule, params.karras)
-            per_batch = len(sampler.timesteps)
-            if params.strength is not None:
-                per_batch -= sampler.start_index(params.strength)
-            self.job = Job(running=True, total=per_batch * request.n_iter, started=time.monotonic())
+            total = sampler.calls(params.strength) * request.n_iter
+            self.job = Job(running=True, total=total, started=time.monotonic())
             try:
                 return self._run(request)
             except ValueError as error:  # what the pipeline refuses (e.g. a size its VAE cannot take)

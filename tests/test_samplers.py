@@ -301,3 +301,12 @@ def test_deterministic_samplers_need_no_generator() -> None:
             *_, (i, out) = sampler.sample(fake_eps, x)
             assert i == len(sampler.timesteps) - 1
             assert torch.isfinite(out).all()
+
+
+def test_calls_counts_the_model_calls_a_run_makes():
+    heun = get_sampler("heun", 10)  # second order: two calls per step but the last
+    assert heun.calls() == len(heun.timesteps) == 19
+    assert heun.calls(0.5) == 19 - heun.start_index(0.5) == 9
+    assert get_sampler("dpmpp_2m", 20).calls(0.3) == 6
+    with pytest.raises(ValueError, match="no steps"):
+        get_sampler("euler", 10).calls(0.05)

@@ -60,6 +60,10 @@ class Sampler:
             raise ValueError(f"strength {strength} leaves no steps out of {self.num_steps}")
         return t_start * self.order
 
+    def calls(self, strength: float | None = None) -> int:
+        """Model calls a run makes: all of them, or img2img's from ``start_index(strength)``."""
+        return len(self.timesteps) - (0 if strength is None else self.start_index(strength))
+
     def add_noise(self, x0: Tensor, noise: Tensor, start: int = 0) -> Tensor:
         """Noise a clean latent to the level of model call ``start`` (the scheduler's ``add_noise``)."""
         self._check_start(start)
