@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .allocator import tune_malloc
+from .allocator import large_buffers_from_kernel, tune_malloc
 from .checkpoints import (
     BUILTIN_MODEL,
     builtin_notice,
@@ -177,7 +177,8 @@ class Pipeline:
         """Scaled latents of `image`, sampled from the VAE's distribution with `generator`."""
         encoder = self._use("encoder")
         pixels = pil_to_tensor(image).to(self.device, dtype_of(encoder))
-        latents = encoder.encode(pixels).sample(generator) * self.config.vae.scaling_factor
+        with large_buffers_from_kernel():  # the VAE's few huge activations would fragment the heap
+            latents = encoder.encode(pixels).sample(generator) * self.config.vae.scaling_factor
         self._release("encoder")
         return latents
 
@@ -195,10 +196,11 @@ class Pipeline:
         latents = latents.to(dtype_of(decoder))
         tiled = self.tiles_vae(latents)
         scale = self.config.vae.downscale
-        images = np.concatenate([
-            tensor_to_uint8(decode_in_tiles(decoder, one[None], scale) if tiled else decoder(one[None]))
-            for one in latents
-        ])  # fmt: skip
+        with large_buffers_from_kernel():  # the VAE's few huge activations would fragment the heap
+            images = np.concatenate([
+                tensor_to_uint8(decode_in_tiles(decoder, one[None], scale) if tiled else decoder(one[None]))
+                for one in latents
+            ])  # fmt: skip
         self._release("decoder")
         return images
 
