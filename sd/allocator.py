@@ -17,7 +17,7 @@ Measured on a 2-core CPU, 2 threads, SD1.5 fp32, alternating fresh processes:
 The VAE's activations at 512x512 and above are 100-300 MB each. On the heap they leave holes the next
 ones do not fit, which cost 0.8 GB of peak RSS; `large_buffers_from_kernel` gives those back to the kernel
 (and what the U-Net left free on the heap) while the VAE runs: the image's peak RSS went from 5.6 GB
-(glibc's defaults) to 5.4 GB.
+(glibc's defaults) to 5.4 GB. Freed weights stay on the heap as well until `release_free_heap`.
 
 This is a process-wide setting, made once, on Linux with glibc only; `SD_MALLOC_TUNING=0` leaves malloc
 alone.
@@ -67,6 +67,13 @@ def tune_malloc() -> bool:
     return _tuned
 
 
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the kernel, e.g. after dropping a model's weights (which, with
+    mmap off, live on the heap). Does nothing where `tune_malloc` is not in effect."""
+    if _tuned:
+        _libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
 def large_buffers_from_kernel() -> Iterator[None]:
     """Within: free heap pages go back to the kernel on entry, and blocks above 32 MiB are mapped and
@@ -79,7 +86,7 @@ def large_buffers_from_kernel() -> Iterator[None]:
     with _lock:
         _kernel_depth += 1
         if _kernel_depth == 1:
-            _libc.malloc_trim(0)
+            release_free_heap()
             _libc.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX)
     try:
         yield
