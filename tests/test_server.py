@@ -265,17 +265,28 @@ def test_sd_serve_end_to_end_with_the_built_in_model(tmp_path):
     env["SD_HOME"] = str(tmp_path)  # no checkpoint anywhere: the built-in model
     process = subprocess.Popen([sys.executable, "-m", "sd", "serve", "--port", "0"], env=env,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        lines = []
+    # stderr is read to the end in a thread: a server blocked on a full pipe would never answer.
+    lines: list[str] = []
+    serving = threading.Event()
+
+    def read_stderr() -> None:
         for line in process.stderr:
             lines.append(line)
             if "serving at" in line:
-                break
+                serving.set()
+        serving.set()  # the process ended: let the test fail with what it printed
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert serving.wait(timeout=120), lines
         found = re.search(r"serving at (http://127\.0\.0\.1:\d+)/", "".join(lines))
         assert found and "built-in shapes model" in "".join(lines), lines
         status, answer = call(found.group(1), "/sdapi/v1/txt2img", {"prompt": "a red circle", "steps": 4})
-        assert status == 200 and images_of(answer)[0].size == (64, 64)  # the model's own size
+        assert status == 200, answer
+        assert images_of(answer)[0].size == (64, 64)  # the model's own size
     finally:
         process.send_signal(signal.SIGINT)
-        rest = process.communicate(timeout=30)[1]
-    assert process.returncode == 0 and "sd serve: stopped" in rest, rest
+        process.wait(timeout=30)
+        reader.join(timeout=10)
+    assert process.returncode == 0 and "sd serve: stopped" in "".join(lines), lines
