@@ -16,8 +16,9 @@ Measured on a 2-core CPU, 2 threads, SD1.5 fp32, alternating fresh processes:
 
 The VAE's activations at 512x512 and above are 100-300 MB each. On the heap they leave holes the next
 ones do not fit, which cost 0.8 GB of peak RSS; `large_buffers_from_kernel` gives those back to the kernel
-(and what the U-Net left free on the heap) while the VAE runs: the image's peak RSS went from 5.6 GB
-(glibc's defaults) to 5.4 GB. Freed weights stay on the heap as well until `release_free_heap`.
+(and what the U-Net left free on the heap) while the VAE runs: the image's peak RSS is 5.4 GB, against 5.6
+GB with the first version and 5.5 GB with glibc's defaults. Freed weights stay on the heap as well, until
+`release_free_heap`.
 
 This is a process-wide setting, made once, on Linux with glibc only; `SD_MALLOC_TUNING=0` leaves malloc
 alone.
