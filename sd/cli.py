@@ -142,14 +142,16 @@ def load_pipeline(args: argparse.Namespace):
         raise FileNotFoundError(missing_checkpoint_message())
     print(f"loading {checkpoint} ...", file=sys.stderr)
     if args.backend == "openvino":
-        from .backends.openvino import compile_models, precision_for
+        from .backends.openvino import compile_checkpoint, precision_for
+        from .checkpoints import model_hash
 
-        pipe = Pipeline.from_checkpoint(checkpoint, device="cpu")  # converted from fp32 weights
         precision = precision_for(args.dtype)
         print(
             f"converting to OpenVINO ({precision}; cached on disk after the first run) ...", file=sys.stderr
         )
-        pipe.models = compile_models(pipe.models, precision=precision, weights_id=pipe.model_hash)
+        # Weights are read (in fp32) only for components not converted yet.
+        models = compile_checkpoint(checkpoint, precision)
+        pipe = Pipeline(models, model_name=checkpoint.stem, model_hash=model_hash(checkpoint))
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)

@@ -28,7 +28,7 @@ import re
 import sys
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1039,11 +1039,14 @@ def _config_name(config: ModelConfig) -> str:
     return "SD1.5" if config == SD15 else "custom-size SD1.x"
 
 
-def _materialize(plan: _Plan, device: torch.device | str, dtype: torch.dtype | None) -> dict[str, nn.Module]:
+def _materialize(
+    plan: _Plan, device: torch.device | str, dtype: torch.dtype | None, components: Sequence[str] = COMPONENTS
+) -> dict[str, nn.Module]:
     """Build on meta, then read, convert and assign tensor by tensor (peak ~ final size)."""
     device = torch.device(device)
     target = dtype or torch.float32
-    models = build_models(plan.config, device="meta")
+    built = build_models(plan.config, device="meta")
+    models = {name: built[name] for name in components}
     for component, module in models.items():
         state: dict[str, torch.Tensor] = {}
         for key, entry in plan.tensors[component].items():
@@ -1097,23 +1100,33 @@ def load_models(
     *,
     config: ModelConfig | None = None,
     use_ema: bool = True,
+    components: Sequence[str] = COMPONENTS,
 ) -> dict[str, nn.Module]:
     """Load {"clip", "encoder", "decoder", "diffusion"} (eval mode) from an SD1.x checkpoint.
 
     `path`: original .ckpt / .safetensors file (format detected from content) or diffusers folder.
+    `device="meta"` checks the file as usual but reads no weights: the modules come back weightless, for
+    callers that may not need them (the OpenVINO backend with its IR cached).
     `dtype`: floating-point dtype of the weights (default float32, whatever the file stores).
     `config`: architecture to build; default the one stored with the file (our saver's metadata, a
     diffusers folder's config.json files), else SD1.5. `use_ema`: prefer EMA U-Net weights when present.
+    `components`: the ones to return (the whole file is checked either way).
     Raises CheckpointError (one line) for anything that is not a loadable SD1.x checkpoint.
     """
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    unknown = sorted(set(components) - set(COMPONENTS))
+    if unknown:
+        raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
     if torch.device(device).type == "cpu":
         tune_malloc()  # before the weights: they are allocated once, the activations every step
     source = _open(path)
     plan = _plan(source, config or source.config or SD15, use_ema)
     del source  # the plan's entries hold what is needed; the file mapping goes when they do
-    return _materialize(plan, device, dtype)
+    if torch.device(device).type == "meta":
+        models = build_models(plan.config, device="meta", dtype=dtype)
+        return {name: models[name] for name in components}
+    return _materialize(plan, device, dtype, components)
 
 
 def schedule_buffers(schedule: ScheduleConfig) -> dict[str, torch.Tensor]:

@@ -251,3 +251,59 @@ def test_pipeline_txt2img_and_img2img_f32(f32, models):
 def test_pipeline_bf16_runs(bf16):
     image = Pipeline(bf16).txt2img("a lighthouse", width=64, height=64, steps=2, seed=0)[0]
     assert image.size == (64, 64)
+
+
+def test_compile_checkpoint_reads_weights_only_for_what_it_converts(ov, models, tmp_path, monkeypatch):
+    """From a file: a component's weights are read when its IR is made, and never on a second run."""
+    import sd.weights
+    from sd.backends.openvino import compile_checkpoint, compile_models
+    from sd.weights import save_checkpoint
+
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(models, path, TINY)
+    reads = []
+    real_load = sd.weights.load_models
+
+    def counting_load(*args, **kwargs):
+        if kwargs.get("device") != "meta":
+            reads.append(tuple(kwargs.get("components", ())))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(sd.weights, "load_models", counting_load)
+    latents = torch.randn(1, 4, 8, 8, generator=gen(11))
+    first = compile_checkpoint(path, "f32", tmp_path / "cache", weights_id="tiny")
+    assert reads == []  # nothing read to set up
+    decoded = first["decoder"](latents)
+    assert reads == [("decoder",)]
+    assert max_error(decoded, models["decoder"](latents)) <= F32_TOLERANCE
+    again = compile_checkpoint(path, "f32", tmp_path / "cache", weights_id="tiny")
+    assert torch.equal(again["decoder"](latents), decoded)
+    assert reads == [("decoder",)]  # the second run read no weights at all
+    with pytest.raises(ValueError, match="weights_id= and load="):
+        compile_models(sd.weights.load_models(path, device="meta"), "f32", tmp_path / "cache")
+
+
+def test_sd_generate_with_the_openvino_backend(ov, models, tmp_path, monkeypatch, capsys):
+    """`sd generate --backend openvino`, twice: the second run converts nothing and draws the same image,
+    which is the eager one within the whole-pipeline tolerance."""
+    from PIL import Image
+
+    from sd.cli import main
+    from sd.weights import save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SD_HOME", str(tmp_path / "sd-home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(models, ckpt, TINY)
+    common = ["generate", "a red fox", "--ckpt", str(ckpt), "--seed", "3", "--steps", "3", "--dtype", "fp32"]
+    common += ["--width", "64", "--height", "64"]
+    images = []
+    for backend in ("openvino", "openvino", "torch"):
+        out_file = tmp_path / f"{len(images)}.png"
+        assert main([*common, "--backend", backend, "-o", str(out_file)]) == 0, capsys.readouterr().err
+        images.append(np.asarray(Image.open(out_file)).astype(int))
+    assert np.array_equal(images[0], images[1])
+    off = np.abs(images[0] - images[2])
+    assert (off <= PIPELINE_LEVELS).mean() >= PIPELINE_FRACTION
+    assert len(list((tmp_path / "cache" / "sd" / "openvino").glob("*/diffusion.xml"))) == 1

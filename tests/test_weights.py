@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 import types
 import zipfile
@@ -154,6 +155,26 @@ def test_save_load_round_trip_is_bit_exact(models, tmp_path, suffix):
     assert (
         info.usable and info.config == "custom-size SD1.x (from file metadata): 512 px images, predicts noise"
     )
+
+
+def test_some_components_or_none_of_the_weights(models, ldm, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(models, path, TINY)
+    decoder = load_models(path, components=["decoder"])
+    assert list(decoder) == ["decoder"]
+    assert_same_weights({"decoder": models["decoder"]}, decoder)
+    # device="meta": the file is checked as for a real load, and no weight is read.
+    weightless = load_models(path, device="meta")
+    assert list(weightless) == ["clip", "encoder", "decoder", "diffusion"]
+    assert all(p.is_meta for module in weightless.values() for p in module.parameters())
+    assert weightless["diffusion"].config == models["diffusion"].config
+    broken = {k: v for k, v in ldm.items() if k != UNET_IN}
+    save_file(broken, tmp_path / "broken.safetensors")
+    missing = re.escape(f"missing 1 keys ({UNET_IN})")
+    with pytest.raises(CheckpointError, match=missing):
+        load_models(tmp_path / "broken.safetensors", device="meta", config=TINY)
+    with pytest.raises(ValueError, match="unknown components"):
+        load_models(path, components=["unet"])
 
 
 def test_native_size_and_prediction_type_travel_with_the_file(models, tmp_path):
