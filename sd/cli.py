@@ -150,8 +150,9 @@ def load_pipeline(args: argparse.Namespace):
             f"converting to OpenVINO ({precision}; cached on disk after the first run) ...", file=sys.stderr
         )
         # Weights are read (in fp32) only for components not converted yet.
-        models = compile_checkpoint(checkpoint, precision)
-        pipe = Pipeline(models, model_name=checkpoint.stem, model_hash=model_hash(checkpoint))
+        checkpoint_hash = model_hash(checkpoint)
+        models = compile_checkpoint(checkpoint, precision, weights_id=checkpoint_hash)
+        pipe = Pipeline(models, model_name=checkpoint.stem, model_hash=checkpoint_hash)
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
