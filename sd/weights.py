@@ -1040,13 +1040,11 @@ def _config_name(config: ModelConfig) -> str:
 
 
 def _materialize(
-    plan: _Plan, device: torch.device | str, dtype: torch.dtype | None, components: Sequence[str] = COMPONENTS
+    plan: _Plan, models: dict[str, nn.Module], device: torch.device | str, dtype: torch.dtype | None
 ) -> dict[str, nn.Module]:
-    """Build on meta, then read, convert and assign tensor by tensor (peak ~ final size)."""
+    """Fill meta-device `models`: read, convert and assign tensor by tensor (peak ~ final size)."""
     device = torch.device(device)
     target = dtype or torch.float32
-    built = build_models(plan.config, device="meta")
-    models = {name: built[name] for name in components}
     for component, module in models.items():
         state: dict[str, torch.Tensor] = {}
         for key, entry in plan.tensors[component].items():
@@ -1123,10 +1121,11 @@ def load_models(
     source = _open(path)
     plan = _plan(source, config or source.config or SD15, use_ema)
     del source  # the plan's entries hold what is needed; the file mapping goes when they do
+    built = build_models(plan.config, device="meta", dtype=dtype)
+    models = {name: built[name] for name in components}
     if torch.device(device).type == "meta":
-        models = build_models(plan.config, device="meta", dtype=dtype)
-        return {name: models[name] for name in components}
-    return _materialize(plan, device, dtype, components)
+        return models  # checked, and nothing read
+    return _materialize(plan, models, device, dtype)
 
 
 def schedule_buffers(schedule: ScheduleConfig) -> dict[str, torch.Tensor]:
