@@ -81,3 +81,16 @@ def world(request, tmp_path_factory) -> World:
     unet, vae, text_encoder = reference_models(state, dconf)
     del state
     yield World(name, config, load_models(path), unet, vae, text_encoder, path)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """What the suite cost in memory (CI prints it beside --durations): the suite must fit these machines."""
+    import resource
+
+    def gib(who: int) -> float:
+        return resource.getrusage(who).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+    terminalreporter.write_line(
+        f"peak RSS: {gib(resource.RUSAGE_SELF):.2f} GiB (test process), "
+        f"{gib(resource.RUSAGE_CHILDREN):.2f} GiB (largest subprocess)"
+    )
