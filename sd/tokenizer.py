@@ -2,7 +2,7 @@
 
 Pipeline (as in OpenAI CLIP's SimpleTokenizer, which the original SD1.5 text encoder was trained with):
 
-    text -> clean (ftfy.fix_text, html.unescape x2, strip, collapse whitespace, lower case)
+    text -> clean (ftfy.fix_text, collapse whitespace, strip, lower case)
          -> split out the literal special tokens '<|startoftext|>' / '<|endoftext|>'
          -> CLIP pre-tokenizer regex -> UTF-8 bytes -> printable unicode stand-ins
          -> BPE with '</w>' marking the end of each word -> ids
@@ -19,7 +19,6 @@ The BPE data comes from OpenAI CLIP (MIT licence) via open-clip-torch (MIT); see
 from __future__ import annotations
 
 import gzip
-import html
 import itertools
 import json
 import os
@@ -85,14 +84,15 @@ UNICODE_TO_BYTE: dict[str, int] = {c: b for b, c in BYTE_TO_UNICODE.items()}
 
 
 def clean_text(text: str) -> str:
-    """Normalise a prompt the way OpenAI CLIP / the original SD1.5 did, then lower-case it.
+    """Normalise a prompt the way the original SD1.5 pipeline did (transformers' slow CLIPTokenizer with
+    ftfy, which CompVis' FrozenCLIPEmbedder and A1111 use), then lower-case it.
 
-    ftfy repairs mojibake, curly quotes, full-width forms, ligatures and (when the text has no '<') HTML
-    entities; the double html.unescape catches what ftfy leaves ('&amp;amp;', text with '<').
+    ftfy repairs mojibake, curly quotes, full-width forms, ligatures and, when the text has no '<', HTML
+    entities. OpenAI's own CLIP tokenizer also runs html.unescape twice after ftfy; SD's does not, so
+    '<b>&amp;</b>' keeps its entity here.
     """
     text = ftfy.fix_text(text)
-    text = html.unescape(html.unescape(text))
-    text = _WHITESPACE_RE.sub(" ", text.strip()).strip()
+    text = _WHITESPACE_RE.sub(" ", text).strip()
     return text.lower()
 
 
