@@ -30,6 +30,12 @@ def default_model_dir() -> Path:
     return data_home / "sd" / "models"
 
 
+def default_embeddings_dir() -> Path | None:
+    """`embeddings` in the default model folder (A1111's layout), if it exists."""
+    folder = default_model_dir() / "embeddings"
+    return folder if folder.is_dir() else None
+
+
 def find_checkpoint(path: str | os.PathLike[str] | None = None) -> Path | None:
     """The checkpoint to use: `path`, else $SD_CHECKPOINT, else one in the default folder; None if none.
 
@@ -62,7 +68,13 @@ def missing_checkpoint_message() -> str:
 
 
 def model_hash(path: str | os.PathLike[str]) -> str | None:
-    """A1111's short model hash: the first 10 hex digits of the file's sha256 (None for folders).
+    """A1111's short model hash: the first 10 hex digits of the file's sha256 (None for folders)."""
+    digest = file_sha256(path)
+    return None if digest is None else digest[:10]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The sha256 of a file, in hex (None for folders).
 
     Hashing 4 GB takes seconds, so results are cached by (path, size, mtime) under ~/.cache/sd.
     """
@@ -76,12 +88,12 @@ def model_hash(path: str | os.PathLike[str]) -> str | None:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
-    if key not in cache:
+    if len(cache.get(key, "")) != 64:  # absent, or a 10-digit entry of an older version
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
-        cache[key] = digest.hexdigest()[:10]
+        cache[key] = digest.hexdigest()
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
             cache_file.write_text(json.dumps(cache))

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 EXIT_USAGE = 2
+EMPHASIS_CHOICES = ("Original", "No norm", "Ignore", "None")  # sd.conditioning.EMPHASIS_MODES
 DEFAULT_OUTPUT_DIR = Path("outputs")
 
 
@@ -56,6 +57,8 @@ GENERATE_DEFAULTS = dict(
     height=None,
     strength=0.8,
     clip_skip=1,
+    emphasis="Original",
+    pad_conds=False,
 )
 
 
@@ -98,6 +101,9 @@ def resolve_params(args: argparse.Namespace):
         height=pick("height", "height"),
         strength=strength,
         clip_skip=pick("clip_skip", "clip_skip"),
+        emphasis=pick("emphasis", "emphasis"),
+        pad_conds=pick("pad_conds", "pad_conds"),
+        ti_hashes=None,  # written anew from the embeddings this run uses
     )
 
 
@@ -126,6 +132,18 @@ def output_paths(out: str | None, count: int, seed: int) -> list[Path]:
     return paths
 
 
+def embeddings_dir(args: argparse.Namespace) -> Path | None:
+    """--embeddings-dir, else <models folder>/embeddings when it exists (A1111's layout)."""
+    from .checkpoints import default_embeddings_dir
+
+    if args.embeddings_dir is not None:
+        path = Path(args.embeddings_dir).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"embeddings folder not found: {path} (from --embeddings-dir)")
+        return path
+    return default_embeddings_dir()
+
+
 def load_pipeline(args: argparse.Namespace):
     """The Pipeline that --ckpt, --device, --dtype, --backend and --vae-tiling ask for (with no
     checkpoint anywhere: the built-in model, said in one line)."""
@@ -152,10 +170,14 @@ def load_pipeline(args: argparse.Namespace):
         # Weights are read (in fp32) only for components not converted yet.
         checkpoint_hash = model_hash(checkpoint)
         models = compile_checkpoint(checkpoint, precision, weights_id=checkpoint_hash)
-        pipe = Pipeline(models, model_name=checkpoint.stem, model_hash=checkpoint_hash)
+        pipe = Pipeline(models, model_name=checkpoint.stem, model_hash=checkpoint_hash,
+                        embeddings=embeddings_dir(args))  # fmt: skip
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype)
+        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype,
+                                        embeddings=embeddings_dir(args))  # fmt: skip
+    if len(pipe.embeddings):
+        print(f"embeddings: {', '.join(pipe.embeddings.by_name)}", file=sys.stderr)
     pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
     return pipe
 
@@ -201,6 +223,87 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for image_out, path in zip(images, output_paths(args.output, len(images), params.seed), strict=True):
         save_png(image_out, path, image_out.info.get("parameters"))
         print(path)
+    return 0
+
+
+# --- sd prompt -------------------------------------------------------------------------------------------
+
+
+def _chunk_text(chunk, tokenizer) -> tuple[int, str]:
+    """(prompt tokens, readable text) of a closed chunk: weighted tokens as (word:w), embeddings as <name>."""
+    fixes = {offset + 1: embedding for offset, embedding in chunk.fixes}
+    words, position = [], 1
+    while position < len(chunk.tokens) - 1 and chunk.tokens[position] != tokenizer.eos_token_id:
+        if position in fixes:
+            words.append(f"<{fixes[position].name}>")
+            position += len(fixes[position])
+            continue
+        word, weight = tokenizer.decode([chunk.tokens[position]]), chunk.multipliers[position]
+        words.append(word if weight == 1 else f"({word}:{weight:.3g})")
+        position += 1
+    return position - 1, " ".join(words)
+
+
+def _print_prompt(label: str, text: str, args: argparse.Namespace, tokenizer, embeddings) -> None:
+    from .conditioning import CHUNK_LENGTH, tokenize_prompt
+    from .prompts import is_break, parse_attention, prompt_schedule
+
+    schedule = prompt_schedule(text, args.steps)
+    if len(schedule) > 1:
+        print(f"{label}: changes during sampling ({args.steps} steps):")
+        starts = [1] + [end + 1 for end, _ in schedule[:-1]]
+        for start, (end, variant) in zip(starts, schedule, strict=True):
+            print(f"  steps {start}-{end}: {variant!r}")
+        label = f"{label} at the last step"
+    variant = schedule[-1][1]
+    tokenized = tokenize_prompt(variant, tokenizer, embeddings, args.emphasis)
+    count = len(tokenized.chunks)
+    print(f"{label}: {tokenized.token_count}/{tokenized.capacity} tokens, "
+          f"{count} chunk{'s' * (count > 1)} of {CHUNK_LENGTH}")  # fmt: skip
+    if args.emphasis != "None":
+        pieces = ["BREAK" if is_break(p) else repr(p[0]) + (f" x{p[1]:.4g}" if p[1] != 1 else "")
+                  for p in parse_attention(variant)]  # fmt: skip
+        print(f"  pieces: {' | '.join(pieces)}")
+    for index, chunk in enumerate(tokenized.chunks, 1):
+        tokens, words = _chunk_text(chunk, tokenizer)
+        print(f"  chunk {index} ({tokens} tokens): {words}")
+    for embedding in tokenized.embeddings:
+        print(f"  embedding {embedding.name}: {len(embedding)} vector(s), {embedding.path}")
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    """How a prompt is read: AND parts, schedule, weighted pieces, chunks and tokens, embeddings, tags."""
+    from .embeddings import Embeddings
+    from .prompts import extract_networks, lora_multipliers, split_and
+    from .tokenizer import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer()
+    embeddings = Embeddings(lambda text: tokenizer.encode(text, add_special_tokens=False))
+    folder = embeddings_dir(args)
+    if folder is not None:
+        embeddings.load_folder(folder)
+
+    prompt, tags = extract_networks(args.prompt)
+    parts = split_and(prompt)
+    for number, (part, weight) in enumerate(parts, 1):
+        composite = len(parts) > 1 or weight != 1
+        label = f"prompt part {number} of {len(parts)} (weight {weight:g})" if composite else "prompt"
+        _print_prompt(label, part, args, tokenizer, embeddings)
+    if args.negative is not None:
+        _print_prompt("negative prompt", args.negative, args, tokenizer, embeddings)
+        if extract_networks(args.negative)[1]:
+            print("  note: <...> tags in the negative prompt are read as text (A1111 applies them from the "
+                  "prompt only)")  # fmt: skip
+    for tag in tags:
+        if tag.kind == "lora":
+            te, unet = lora_multipliers(tag)
+            print(f"tag {tag.text}: LoRA {tag.name!r}, text encoder {te:g}, U-Net {unet:g}; taken out of the "
+                  "prompt (LoRA files are not applied yet)")  # fmt: skip
+        else:
+            print(f"tag {tag.text}: {tag.kind} networks are not supported; taken out of the prompt, ignored")
+    if folder is not None:
+        skipped = f", {len(embeddings.skipped)} skipped" if embeddings.skipped else ""
+        print(f"embeddings in {folder}: {len(embeddings)} usable{skipped}")
     return 0
 
 
@@ -260,6 +363,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="decode the image in overlapping tiles: bounded memory for huge images, slightly different "
         "pixels (default auto: above 1024x1024)",
+    )
+    group.add_argument(
+        "--embeddings-dir",
+        metavar="DIR",
+        help="textual-inversion embeddings, used by file name in prompts (default: the 'embeddings' folder "
+        "of the model folder, when it exists)",
     )
     group.add_argument(
         "--backend",
@@ -323,6 +432,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--strength", type=float, help="img2img: how much to change the image, in (0, 1] (default 0.8)"
     )
     gen.add_argument("--clip-skip", type=int, help="use the N-th last CLIP layer (default 1)")
+    gen.add_argument(
+        "--emphasis",
+        choices=EMPHASIS_CHOICES,
+        help="how (word:1.2) weights apply (A1111's modes): Original multiplies and keeps the mean, "
+        "'No norm' only multiplies, Ignore drops the weights, None reads brackets and BREAK as text "
+        "(default Original)",
+    )
+    gen.add_argument(
+        "--pad-conds",
+        action="store_true",
+        default=None,
+        help="pad the shorter of prompt and negative prompt with empty chunks, one U-Net call (A1111 option)",
+    )
     gen.add_argument("--from-png", metavar="FILE", help="take the settings from a PNG made by sd (or A1111)")
     gen.add_argument("-o", "--output", metavar="OUT", help="FILE.png or folder (default ./outputs/)")
     add_model_options(gen)
@@ -365,6 +487,24 @@ status 400 and a one-line "detail".""",
     )
     add_model_options(serve)
     serve.set_defaults(run=cmd_serve)
+
+    prompt = commands.add_parser(
+        "prompt",
+        help="show how a prompt is read (weights, BREAK, chunks and tokens, embeddings, tags)",
+        description="Print how PROMPT is read, A1111's way: its AND parts and their weights, prompt editing "
+        "over the steps, the (text, weight) pieces, each 75-token chunk, the embeddings found and the "
+        "<lora:...> tags taken out. No model is loaded.",
+        epilog="""examples:
+  sd prompt "masterpiece, (detailed face:1.2), [blurry], a castle BREAK night sky"
+  sd prompt "a [cat:dog:0.5] <lora:ink:0.8>" --negative "EasyNegative" --embeddings-dir embeddings/""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prompt.add_argument("prompt", help="the prompt, in A1111's syntax")
+    prompt.add_argument("--negative", metavar="TEXT", help="a negative prompt to show too")
+    prompt.add_argument("--steps", type=int, default=20, help="steps, for prompt editing (default 20)")
+    prompt.add_argument("--emphasis", choices=EMPHASIS_CHOICES, default="Original", help="(default Original)")
+    prompt.add_argument("--embeddings-dir", metavar="DIR", help="as for 'sd generate'")
+    prompt.set_defaults(run=cmd_prompt)
 
     samplers = commands.add_parser("samplers", help="list the samplers", description="List the samplers.")
     samplers.set_defaults(run=cmd_samplers)

@@ -36,11 +36,15 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = _embedding(config.vocab_size, config.width)
         self.position_embedding = _embedding(config.max_length, config.width)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_embeds` (B, T, width), when given, stand in for the looked-up token rows (textual
+        inversion writes its vectors there); positions are added either way."""
         # Positions are recomputed, never read from the file: some merged checkpoints store
         # corrupted float `position_ids`.
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return self.token_embedding(tokens) + self.position_embedding(positions)
+        if token_embeds is None:
+            token_embeds = self.token_embedding(tokens)
+        return token_embeds + self.position_embedding(positions)
 
 
 class CLIPMLP(nn.Module):
@@ -91,19 +95,28 @@ class CLIP(nn.Module):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def hidden_states(self, tokens: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+    def hidden_states(
+        self, tokens: torch.Tensor, upto: int | None = None, token_embeds: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """[embeddings, layer 1, ..., layer `upto`] outputs, without the final layer norm."""
-        x = self.text_model.embeddings(tokens)
+        x = self.text_model.embeddings(tokens, token_embeds)
         states = [x]
         for layer in self.text_model.encoder.layers[:upto]:
             x = layer(x)
             states.append(x)
         return states
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T) int token ids -> (B, T, width). `clip_skip=2` uses the penultimate layer
-        (A1111 "clip skip" convention: the final layer norm is still applied)."""
+        (A1111 "clip skip" convention: the final layer norm is still applied). `token_embeds`: see
+        CLIPEmbeddings."""
         if not 1 <= clip_skip <= self.config.layers:
             raise ValueError(f"clip_skip must be in 1..{self.config.layers}, got {clip_skip}")
         upto = self.config.layers - clip_skip + 1
-        return self.text_model.final_layer_norm(self.hidden_states(tokens, upto)[-1])
+        return self.text_model.final_layer_norm(self.hidden_states(tokens, upto, token_embeds)[-1])
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, width): the rows `forward` looks up before adding positions."""
+        return self.text_model.embeddings.token_embedding(tokens)

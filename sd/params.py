@@ -48,6 +48,9 @@ class GenerationParams:
     # reproduced by re-running its batch and keeping its position.
     batch_size: int = 1
     batch_pos: int = 0
+    emphasis: str = "Original"  # sd.conditioning.EMPHASIS_MODES
+    pad_conds: bool = False  # pad the shorter of prompt / negative with the empty prompt (A1111 "Pad conds")
+    ti_hashes: str | None = None  # "name: hash, ..." of the embeddings used (written, not needed to replay)
 
     def to_text(self) -> str:
         lines = [self.prompt]
@@ -71,6 +74,13 @@ class GenerationParams:
             items.append(("Clip skip", self.clip_skip))
         if self.batch_size > 1:
             items += [("Batch size", self.batch_size), ("Batch pos", self.batch_pos)]
+        if self.ti_hashes:
+            items.append(("TI hashes", self.ti_hashes))
+        # A1111 names a non-default emphasis only where it can matter: a prompt with brackets.
+        if self.emphasis != "Original" and any(c in self.prompt + self.negative_prompt for c in "(["):
+            items.append(("Emphasis", self.emphasis))
+        if self.pad_conds:
+            items.append(("Pad conds", "True"))
         lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in items))
         return "\n".join(lines)
 
@@ -111,6 +121,9 @@ class GenerationParams:
                 model=settings.get("Model"),
                 batch_size=int(settings.get("Batch size", 1)),
                 batch_pos=int(settings.get("Batch pos", 0)),
+                emphasis=settings.get("Emphasis", "Original"),
+                pad_conds=settings.get("Pad conds", "False").lower() == "true",
+                ti_hashes=settings.get("TI hashes"),
             )
         except ValueError as error:
             raise ValueError(f"bad generation parameters: {error}") from None

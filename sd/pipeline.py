@@ -27,15 +27,20 @@ from .allocator import large_buffers_from_kernel, tune_malloc
 from .checkpoints import (
     BUILTIN_MODEL,
     builtin_notice,
+    default_embeddings_dir,
     find_checkpoint,
     missing_checkpoint_message,
     model_hash,
 )
+from .conditioning import COMMA_BACKTRACK, Conditioning, PromptEncoder, condition
 from .config import ScheduleConfig
 from .decoder import decode_in_tiles
+from .embeddings import Embeddings, load_embedding, ti_hashes
+from .guidance import Guidance
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
 from .params import GenerationParams
+from .prompts import extract_networks
 from .samplers import Sampler, eps_from_v, get_sampler
 from .samplers.schedule import alphas_cumprod
 from .tokenizer import CLIPTokenizer
@@ -101,7 +106,9 @@ class Pipeline:
         schedule: ScheduleConfig | None = None,
         model_name: str | None = None,
         model_hash: str | None = None,
+        embeddings: str | Path | Embeddings | None = None,
     ):
+        """`embeddings`: a folder (or file) of textual-inversion embeddings, or an `Embeddings`."""
         self.models = models
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.device = torch.device(device)
@@ -112,6 +119,10 @@ class Pipeline:
         self.model_name = model_name
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
+        self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
+        if not isinstance(embeddings, Embeddings):
+            embeddings = self.load_embeddings(embeddings)
+        self.embeddings = embeddings
         if self.device.type == "cpu":
             tune_malloc()
         for model in models.values():
@@ -124,9 +135,11 @@ class Pipeline:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | None = None,
         idle_device: torch.device | str | None = None,
+        embeddings: str | Path | None = None,
     ) -> Pipeline:
         """Load a checkpoint (found as `sd.checkpoints.find_checkpoint` says when `path` is None; with
-        none anywhere, the built-in shapes model)."""
+        none anywhere, the built-in shapes model). Embeddings come from `embeddings`, else from the
+        `embeddings` folder of the default model folder when there is one (A1111's layout)."""
         from .weights import load_models
 
         found = find_checkpoint(path)
@@ -146,7 +159,23 @@ class Pipeline:
             idle_device=idle_device,
             model_name=found.stem,
             model_hash=model_hash(found),
+            embeddings=embeddings if embeddings is not None else default_embeddings_dir(),
         )
+
+    def load_embeddings(self, source: str | Path | None) -> Embeddings:
+        """Textual-inversion embeddings from a folder (searched recursively) or a file; none for None.
+        Files that cannot be used are skipped with a one-line warning each (`Embeddings.skipped`)."""
+        found = Embeddings(lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+                           self.config.clip.width)  # fmt: skip
+        if source is not None:
+            source = Path(source).expanduser()
+            if source.is_dir():
+                found.load_folder(source)
+            elif source.exists():
+                found.add(load_embedding(source))
+            else:
+                raise FileNotFoundError(f"embeddings not found: {source}")
+        return found
 
     # --- components -------------------------------------------------------------------------------
 
@@ -157,20 +186,22 @@ class Pipeline:
         if self.idle_device is not None:
             self.models[name].to(self.idle_device)
 
-    @torch.no_grad()
-    def encode_prompt(
-        self, prompt: str, negative_prompt: str, guided: bool, clip_skip: int = 1
-    ) -> torch.Tensor:
-        """(2 or 1, 77, width) text context: [negative, prompt] under guidance, else [prompt]."""
-        dropped = self.tokenizer.truncated_part(prompt)
-        if dropped:
-            log.warning("prompt is longer than 75 tokens; this part is ignored: %r", dropped)
-        texts = [negative_prompt, prompt] if guided else [prompt]
-        ids = self.tokenizer.batch_encode_plus(texts, padding="max_length", max_length=77).input_ids
-        clip = self._use("clip")
-        context = clip(torch.tensor(ids, device=self.device), clip_skip=clip_skip)
+    def prompt_encoder(self, clip_skip: int = 1, emphasis: str = "Original") -> PromptEncoder:
+        """Prompts -> CLIP conditioning with this pipeline's text encoder, tokenizer and embeddings."""
+        return PromptEncoder(lambda: self._use("clip"), self.tokenizer, self.embeddings, clip_skip, emphasis,
+                             self.comma_backtrack, self.device)  # fmt: skip
+
+    def condition(self, params: GenerationParams, sampler: Sampler) -> Conditioning:
+        """The run's conditioning: A1111 prompt syntax, any length, embeddings; each distinct text encoded
+        once. <lora:...> tags are taken out of the prompt (not yet applied: a warning says so)."""
+        prompt, tags = extract_networks(params.prompt)
+        for tag in tags:
+            log.warning("%s: %s networks are not supported yet; the tag is ignored", tag.text, tag.kind)
+        encoder = self.prompt_encoder(params.clip_skip, params.emphasis)
+        conditioning = condition(encoder, prompt, params.negative_prompt, sampler.num_steps * sampler.order,
+                                 params.pad_conds)  # fmt: skip
         self._release("clip")
-        return context
+        return conditioning
 
     @torch.no_grad()
     def encode_image(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
@@ -209,33 +240,23 @@ class Pipeline:
     def denoise(
         self,
         latents: torch.Tensor,
-        context: torch.Tensor,
+        guidance: Guidance,
         sampler: Sampler,
-        cfg_scale: float,
         generator: torch.Generator,
         start: int = 0,
     ) -> Iterator[Step]:
         """Run `sampler` from model call `start`, yielding a Step after each call (the last: the result)."""
         unet = self._use("diffusion")
         dtype = dtype_of(unet)
-        guided = cfg_scale > 1.0
-        batch = latents.shape[0]
-        # One context row per image: [negatives..., prompts...] under guidance.
-        if guided:
-            context = torch.cat([context[:1].expand(batch, -1, -1), context[1:].expand(batch, -1, -1)])
-        else:
-            context = context.expand(batch, -1, -1)
+
+        def model(x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return unet(x.to(dtype), context.to(dtype), t).to(x.dtype)
 
         # Grad mode is switched off inside eps() only: a `with` around the yields would leak into the
         # caller's code between steps.
         @torch.no_grad()
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if guided else x
-            out = unet(x_in.to(dtype), context.to(dtype), t).to(x.dtype)
-            if not guided:
-                return out
-            uncond, cond = out.chunk(2)
-            return uncond + cfg_scale * (cond - uncond)
+            return guidance(model, x, t)
 
         # Guiding v or eps is the same: at a given x_t one is an affine function of the other.
         schedule = self.config.schedule
@@ -263,8 +284,8 @@ class Pipeline:
             raise ValueError(f"number of images must be at least 1, got {num_images}")
         sampler = get_sampler(params.sampler, params.steps, self.config.schedule, params.karras, eta)
         generator = torch.Generator("cpu").manual_seed(params.seed)
-        guided = params.cfg_scale > 1.0
-        context = self.encode_prompt(params.prompt, params.negative_prompt, guided, params.clip_skip)
+        conditioning = self.condition(params, sampler)
+        guidance = Guidance(conditioning, params.cfg_scale)
 
         down = self.config.vae.downscale
         shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
@@ -284,11 +305,11 @@ class Pipeline:
             latents = sampler.add_noise(clean, noise, start)
 
         step = None
-        for step in self.denoise(latents, context, sampler, params.cfg_scale, generator, start):
+        for step in self.denoise(latents, guidance, sampler, generator, start):
             if callback is not None:
                 callback(step)
         pixels = self.decode(step.latents)
-        params = replace(params, batch_size=num_images)
+        params = replace(params, batch_size=num_images, ti_hashes=ti_hashes(conditioning.embeddings))
         return [
             self._with_params(Image.fromarray(p), replace(params, batch_pos=i)) for i, p in enumerate(pixels)
         ]
@@ -395,8 +416,9 @@ def generate(
 ) -> np.ndarray:
     """The seed's API: one H x W x 3 uint8 image. Models not in use wait on `idle_device`.
 
-    `tokenizer` may be anything with the seed's `batch_encode_plus(..., padding="max_length",
-    max_length=77).input_ids`. `input_image` is resized to width x height, as the seed did.
+    `tokenizer` may be ours or transformers' CLIPTokenizer (`encode`, `get_vocab`, `bos_token_id`,
+    `eos_token_id` are used). Prompts are read with A1111's syntax, of any length. `input_image` is
+    resized to width x height, as the seed did.
     """
     if not models:
         raise ValueError(

@@ -565,6 +565,12 @@ def _torch_load(path: str) -> Any:
         raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({_one_line(error, 120)})") from None
 
 
+def load_torch_file(path: str | os.PathLike[str]) -> Any:
+    """Any small PyTorch pickle (an embedding, a LoRA .pt), opened only with torch.load(weights_only=True):
+    CheckpointError (one line) for a file that needs code to load, which is never run."""
+    return _torch_load(str(path))
+
+
 class _FileMapping:
     """Page-level help for reading tensors out of torch.load's private mapping of a .ckpt file.
 

@@ -141,10 +141,11 @@ def test_img2img_converts_odd_image_modes(ckpt, capsys, tmp_path) -> None:
         assert params.strength == 0.5
 
 
-def test_long_prompt_is_truncated_with_a_warning(ckpt, capsys) -> None:
-    code, _out, err = run(capsys, "generate", "a very long prompt about cats " * 20, "--ckpt", ckpt, *FAST)
-    assert code == 0
-    assert "warning: prompt is longer than 75 tokens" in err
+def test_long_prompt_is_used_whole(ckpt, capsys) -> None:
+    prompt = "a very long prompt about cats " * 20  # 120 tokens: two chunks, nothing dropped
+    code, out, err = run(capsys, "generate", prompt, "--ckpt", ckpt, *FAST)
+    assert code == 0 and "warning" not in err, err
+    assert GenerationParams.from_text(read_png_parameters(out.strip())).prompt == prompt
 
 
 def test_empty_prompt_is_unconditional(ckpt, capsys) -> None:

@@ -196,11 +196,13 @@ def test_an_oversized_body_is_refused_unread(served):
     connection.close()
 
 
-def test_over_long_prompt_is_reported_in_the_answer(served):
+def test_long_prompts_are_whole_and_unapplied_tags_are_reported(served):
     url, _ = served
     status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "cat " * 100, "steps": 1, **SIZE})
+    assert status == 200 and json.loads(answer["info"])["warnings"] == []  # 100 tokens: two chunks, no loss
+    status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a cat <hypernet:x:1>", "steps": 1, **SIZE})
     assert status == 200
-    assert any("longer than 75 tokens" in w for w in json.loads(answer["info"])["warnings"])
+    assert any("<hypernet:x:1>" in w for w in json.loads(answer["info"])["warnings"])
 
 
 def test_progress_while_running_and_interrupt(served):

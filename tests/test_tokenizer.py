@@ -1,8 +1,9 @@
 """sd.tokenizer: shipped data == reference vocab/merges, ids == HF CLIPTokenizer on cleaned text, SD rules.
 
 HF's CLIPTokenizer (transformers 5, a test-only dependency) only does NFC + whitespace + lower case, while
-the original SD1.5 tokenizer (transformers' slow one with ftfy, and ours) first runs ftfy.fix_text. So identity is checked
-against HF fed text cleaned by an independent re-implementation of that cleaning (`reference_clean`).
+the original SD1.5 tokenizer (transformers' slow one with ftfy, and ours) first runs ftfy.fix_text. So
+identity is checked against HF fed text cleaned by an independent re-implementation of that cleaning
+(`reference_clean`).
 """
 
 from __future__ import annotations

@@ -292,11 +292,21 @@ class OpenVINOCLIP(OpenVINOModule):
     def graph(self, variant: str = "") -> nn.Module:
         return _ClipGraph(self.module, int(variant.removeprefix("skip") or 1))
 
-    def __call__(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, clip_skip: int = 1, token_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, T) int token ids -> (B, T, width)."""
+        if token_embeds is not None:
+            self.token_embeddings(tokens)
         if not 1 <= clip_skip <= self.config.layers:
             raise ValueError(f"clip_skip must be in 1..{self.config.layers}, got {clip_skip}")
         return self._run([tokens.long()], f"skip{clip_skip}" if clip_skip > 1 else "")[0]
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise ValueError(
+            "textual-inversion embeddings need the torch text encoder: the OpenVINO one takes token ids "
+            "only (use --backend torch, or a prompt without embeddings)"
+        )
 
 
 class OpenVINOEncoder(OpenVINOModule):
