@@ -153,6 +153,7 @@ def load_pipeline(args: argparse.Namespace):
     from .pipeline import Pipeline
 
     checkpoint = find_checkpoint(args.ckpt)
+    embeddings = embeddings_dir(args)
     if checkpoint is None and BUILTIN_MODEL.exists():
         print(builtin_notice(), file=sys.stderr)
         checkpoint = BUILTIN_MODEL
@@ -170,12 +171,10 @@ def load_pipeline(args: argparse.Namespace):
         # Weights are read (in fp32) only for components not converted yet.
         checkpoint_hash = model_hash(checkpoint)
         models = compile_checkpoint(checkpoint, precision, weights_id=checkpoint_hash)
-        pipe = Pipeline(models, model_name=checkpoint.stem, model_hash=checkpoint_hash,
-                        embeddings=embeddings_dir(args))  # fmt: skip
+        pipe = Pipeline(models, model_name=checkpoint.stem, model_hash=checkpoint_hash, embeddings=embeddings)
     else:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype,
-                                        embeddings=embeddings_dir(args))  # fmt: skip
+        pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype, embeddings=embeddings)
     if len(pipe.embeddings):
         print(f"embeddings: {', '.join(pipe.embeddings.by_name)}", file=sys.stderr)
     pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
@@ -187,6 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .images import load_image, save_png
     from .pipeline import check_settings, check_size
+    from .prompts import check_prompt
     from .samplers import get_sampler
 
     params = resolve_params(args)
@@ -200,6 +200,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     check_size(params.width, params.height)
     check_settings(params.steps, params.cfg_scale, params.strength)
+    check_prompt(params.prompt, params.steps)
+    check_prompt(params.negative_prompt, params.steps)
     sampler = get_sampler(params.sampler, params.steps, karras=params.karras, eta=args.eta)
     total = sampler.calls(params.strength)  # also refuses a strength that leaves no steps
     num = args.num if args.num is not None else (params.batch_size if args.from_png else 1)

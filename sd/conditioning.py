@@ -278,7 +278,7 @@ def condition(
     tensors, used = encoder.encode_groups(groups)
     scheduled = {
         text: ScheduledConditioning([end for end, _ in schedules[text]], tensor)
-        for text, tensor in zip(distinct, tensors, strict=True)
+        for text, tensor in zip(distinct, tensors[: len(distinct)], strict=True)
     }
     return Conditioning(
         uncond=scheduled[negative_prompt],

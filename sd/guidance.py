@@ -46,6 +46,7 @@ class Guidance:
         # Plain prompt below CFG 1: the prompt's prediction alone (diffusers' rule; no negative pass).
         self.guided = cfg_scale > 1.0 or len(parts) > 1 or parts[0][1] != 1.0
         self.calls = 0
+        self.padded = False  # whether "Pad conds" padded anything (A1111 records it only then)
 
     def __call__(self, model: Model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         call, self.calls = self.calls, self.calls + 1
@@ -63,6 +64,7 @@ class Guidance:
         uncond = self.conditioning.uncond.at(call)
         empty = self.conditioning.empty
         if empty is not None and uncond.shape[0] != length:
+            self.padded = True
             length = max(uncond.shape[0], length)
             uncond = pad_with_empty(uncond, length, empty)
             conds = [pad_with_empty(c, length, empty) for c in conds]

@@ -49,7 +49,9 @@ class GenerationParams:
     batch_size: int = 1
     batch_pos: int = 0
     emphasis: str = "Original"  # sd.conditioning.EMPHASIS_MODES
-    pad_conds: bool = False  # pad the shorter of prompt / negative with the empty prompt (A1111 "Pad conds")
+    # Pad the shorter of prompt / negative with the empty prompt's chunks (A1111 "Pad conds"; a PNG says so
+    # only when that padded anything).
+    pad_conds: bool = False
     ti_hashes: str | None = None  # "name: hash, ..." of the embeddings used (written, not needed to replay)
 
     def to_text(self) -> str:

@@ -309,7 +309,8 @@ class Pipeline:
             if callback is not None:
                 callback(step)
         pixels = self.decode(step.latents)
-        params = replace(params, batch_size=num_images, ti_hashes=ti_hashes(conditioning.embeddings))
+        params = replace(params, batch_size=num_images, ti_hashes=ti_hashes(conditioning.embeddings),
+                         pad_conds=guidance.padded)  # fmt: skip
         return [
             self._with_params(Image.fromarray(p), replace(params, batch_pos=i)) for i, p in enumerate(pixels)
         ]

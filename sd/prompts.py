@@ -259,12 +259,21 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     return [(text, weight) for text, weight in merged]
 
 
+def check_prompt(text: str, steps: int = 1) -> None:
+    """ValueError (one line) for a prompt A1111 cannot read, before any model work: today only a weight
+    such as `(x:1.2.3)`, which A1111's grammar accepts and then fails on."""
+    for part, _ in split_and(extract_networks(text)[0]):
+        for _, variant in prompt_schedule(part, steps):
+            parse_attention(variant)
+
+
 def is_break(piece: tuple[str, float]) -> bool:
     return piece[0] == BREAK[0] and piece[1] == BREAK[1]
 
 
 __all__ = [
     "NetworkTag",
+    "check_prompt",
     "extract_networks",
     "is_break",
     "lora_multipliers",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sd.cli import main
@@ -148,6 +149,55 @@ def test_long_prompt_is_used_whole(ckpt, capsys) -> None:
     assert GenerationParams.from_text(read_png_parameters(out.strip())).prompt == prompt
 
 
+WORDS = """stars moon clouds river forest mountain lake snow rain wind fire smoke light shadow glass stone
+    wood metal gold silver red blue green yellow purple orange black white gray pink brown cyan magenta
+    lantern bridge tower castle garden field ocean wave sand shell bird cat dog horse fox owl wolf bear
+    deer"""
+LONG = (
+    "masterpiece, best quality, (detailed face:1.2), [blurry], a castle on a hill at dusk BREAK night sky, "
+    + ", ".join(WORDS.split())
+    + " <lora:ink_style:0.8>"
+)
+
+
+def test_sd_prompt_shows_how_a_prompt_is_read(capsys, tmp_path) -> None:
+    torch.save({"string_to_param": {"*": torch.zeros(3, 768)}}, tmp_path / "EasyNegative.pt")
+    code, out, err = run(capsys, "prompt", LONG, "--negative", "EasyNegative, (worst quality:1.4)",
+                         "--embeddings-dir", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "prompt: 182/225 tokens, 3 chunks of 75"  # 17 before BREAK, then 75 + 32
+    assert "'detailed face' x1.2" in lines[1] and "'blurry' x0.9091" in lines[1] and " | BREAK | " in lines[1]
+    assert lines[2].startswith(
+        "  chunk 1 (17 tokens): masterpiece , best quality , (detailed:1.2) (face:1.2)"
+    )
+    assert lines[3].startswith("  chunk 2 (75 tokens): night sky , stars ,") and lines[3].endswith(" tower")
+    assert (
+        lines[4]
+        == "  chunk 3 (32 tokens): , castle , garden , field , ocean , wave , sand , shell , bird , cat "
+        ", dog , horse , fox , owl , wolf , bear , deer"
+    )  # the comma after a full chunk starts the next one
+    assert "negative prompt: 6/75 tokens, 1 chunk of 75" in out
+    assert "chunk 1 (6 tokens): <EasyNegative> , (worst:1.4) (quality:1.4)" in out
+    assert "embedding EasyNegative: 3 vector(s)" in out
+    assert "tag <lora:ink_style:0.8>: LoRA 'ink_style', text encoder 0.8, U-Net 0.8" in out
+    assert out.rstrip().endswith(f"embeddings in {tmp_path}: 1 usable")
+    code, out, _ = run(capsys, "prompt", "a [cat:dog:0.5] AND a hat:1.2", "--steps", "10")
+    assert "prompt part 1 of 2 (weight 1): changes during sampling (10 steps):" in out
+    assert "  steps 1-5: 'a cat'" in out and "  steps 6-10: 'a dog'" in out
+    assert "prompt part 2 of 2 (weight 1.2): 2/75 tokens" in out
+
+
+def test_generate_with_an_embeddings_folder(ckpt, capsys, tmp_path) -> None:
+    torch.save({"string_to_param": {"*": torch.randn(2, TINY.clip.width)}}, tmp_path / "mytok.pt")
+    code, out, err = run(
+        capsys, "generate", "a mytok", "--ckpt", ckpt, "--embeddings-dir", str(tmp_path), *FAST
+    )
+    assert code == 0, err
+    assert "embeddings: mytok" in err
+    assert 'TI hashes: "mytok: ' in read_png_parameters(out.strip())  # quoted, as A1111 quotes it
+
+
 def test_empty_prompt_is_unconditional(ckpt, capsys) -> None:
     code, out, err = run(capsys, "generate", "", "--ckpt", ckpt, "--seed", "2", *FAST)
     assert code == 0, err
@@ -169,6 +219,8 @@ BAD = {
     "karras where none": (["x", "--sampler", "euler_a", "--karras"], "no Karras schedule"),
     "no prompt": ([], "give a prompt"),
     "png without parameters": (["--from-png", "in.png"], "no generation parameters"),
+    "bad emphasis weight": (["a (cat:1.2.3)"], "'1.2.3' in ':1.2.3)' is not a number"),
+    "missing embeddings folder": (["x", "--embeddings-dir", "nowhere"], "embeddings folder not found"),
 }
 
 

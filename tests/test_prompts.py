@@ -61,8 +61,17 @@ ATTENTION = [
     ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
     (
         "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
-        [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
-         (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)],
+        [
+            ("a ", 1.0),
+            ("house", 1.5730000000000004),
+            (" ", 1.1),
+            ("on", 1.0),
+            (" a ", 1.1),
+            ("hill", 0.55),
+            (", sun, ", 1.1),
+            ("sky", 1.4641000000000006),
+            (".", 1.1),
+        ],
     ),
     # Escapes: a backslash before a bracket or backslash is that character; alone it is dropped.
     ("a \\\\ b", [("a \\ b", 1.0)]),
@@ -140,7 +149,9 @@ SCHEDULES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "steps", "hires", "expected"), SCHEDULES, ids=[repr(r[0]) for r in SCHEDULES])  # noqa: E501
+@pytest.mark.parametrize(
+    ("text", "steps", "hires", "expected"), SCHEDULES, ids=[repr(r[0]) for r in SCHEDULES]
+)
 def test_prompt_schedule(text: str, steps: int, hires: int | None, expected: list) -> None:
     assert prompt_schedule(text, steps, hires_steps=hires) == expected
 
