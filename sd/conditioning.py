@@ -49,7 +49,7 @@ class TokenizedPrompt:
         return CHUNK_LENGTH * len(self.chunks)
 
 
-def _check_emphasis(emphasis: str) -> None:
+def check_emphasis(emphasis: str) -> None:
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}; got {emphasis!r}")
 
@@ -66,7 +66,7 @@ def tokenize_prompt(
     comma_backtrack: int = COMMA_BACKTRACK,
 ) -> TokenizedPrompt:
     """A1111's tokenize_line: one prompt text (no AND, no editing left) -> closed 77-token chunks."""
-    _check_emphasis(emphasis)
+    check_emphasis(emphasis)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.get_vocab().get(",</w>")
     pieces = parse_attention(text) if emphasis != "None" else [(text, 1.0)]
@@ -163,7 +163,7 @@ class PromptEncoder:
         comma_backtrack: int = COMMA_BACKTRACK,
         device: torch.device | str = "cpu",
     ):
-        _check_emphasis(emphasis)
+        check_emphasis(emphasis)
         self.get_clip = get_clip
         self.tokenizer = tokenizer
         self.embeddings = embeddings
@@ -297,6 +297,7 @@ __all__ = [
     "ScheduledConditioning",
     "TokenizedPrompt",
     "apply_emphasis",
+    "check_emphasis",
     "condition",
     "tokenize_prompt",
 ]

@@ -30,9 +30,11 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .conditioning import check_emphasis
 from .images import image_from_bytes, save_png
 from .params import A1111_SAMPLER_NAMES, GenerationParams
 from .pipeline import Pipeline, check_settings, check_size, new_seed
+from .prompts import check_prompt
 from .samplers import ALIASES, SAMPLERS, get_sampler
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only: anyone who can reach the port can use the model
@@ -93,7 +95,7 @@ def _typed(request: dict[str, Any], name: str, kind: type | tuple[type, ...], de
     value = request.get(name)
     if value is None:  # absent, or null as some clients send
         return default
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise BadRequestError(f"{name} must be {wanted}, got {json.dumps(value)}")
     return value
@@ -125,12 +127,12 @@ def decode_init_image(data: Any):
         raise BadRequestError(str(error)) from None
 
 
-def _clip_skip(body: dict[str, Any], clip_skip: int) -> int:
-    """A1111 clients set clip skip as an option: override_settings.CLIP_stop_at_last_layers."""
+def _overrides(body: dict[str, Any]) -> dict[str, Any]:
+    """A1111 clients set clip skip, emphasis and cond padding as options, in override_settings."""
     overrides = body.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise BadRequestError("override_settings must be a JSON object")
-    return _typed(overrides, CLIP_SKIP_OPTION, int, clip_skip)
+    return overrides
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,9 @@ def parse_request(body: dict[str, Any], img2img: bool) -> Request:
         width=get("width", int),
         height=get("height", int),
         strength=float(get("denoising_strength", (int, float))) if img2img else None,
-        clip_skip=_clip_skip(body, get("clip_skip", int)),
+        clip_skip=_typed(_overrides(body), CLIP_SKIP_OPTION, int, get("clip_skip", int)),
+        emphasis=_typed(_overrides(body), "emphasis", str, "Original"),
+        pad_conds=_typed(_overrides(body), "pad_cond_uncond", bool, False),
     )
     request = Request(
         params,
@@ -190,6 +194,9 @@ def parse_request(body: dict[str, Any], img2img: bool) -> Request:
     try:
         check_size(params.width, params.height)
         check_settings(params.steps, params.cfg_scale, params.strength)
+        check_emphasis(params.emphasis)
+        check_prompt(params.prompt, params.steps)
+        check_prompt(params.negative_prompt, params.steps)
         get_sampler(params.sampler, params.steps, karras=params.karras, eta=request.eta)
     except ValueError as error:
         raise BadRequestError(str(error)) from None

@@ -19,6 +19,7 @@ from PIL import Image
 
 from sd import TINY
 from sd.cli import main
+from sd.params import GenerationParams
 from sd.pipeline import Pipeline
 from sd.server import MAX_IMAGES, Service, make_server
 from sd.testing import random_models
@@ -100,6 +101,22 @@ def test_clip_skip_as_a1111_clients_send_it(served):
     assert json.loads(skip2["info"])["ignored_fields"] == []
 
 
+def test_a1111_prompts_and_emphasis_options(served):
+    url, pipe = served
+    prompt, negative = "a (red:1.3) house BREAK [cat:dog:2] AND snow:0.5", "blurry"  # 154 tokens vs 77
+    request = {"prompt": prompt, "negative_prompt": negative, "seed": 2, "steps": 3, **SIZE}
+    settings = {"emphasis": "No norm", "pad_cond_uncond": True}
+    status, answer = call(url, "/sdapi/v1/txt2img", {**request, "override_settings": settings})
+    assert status == 200, answer
+    params = GenerationParams(prompt, negative, steps=3, sampler="dpmpp_2m", cfg_scale=7.0, seed=2, **SIZE,
+                              emphasis="No norm", pad_conds=True)  # fmt: skip
+    (expected,) = pipe.run(params)
+    assert same_pixels(images_of(answer)[0], expected)
+    infotext = images_of(answer)[0].info["parameters"]
+    assert "Emphasis: No norm" in infotext and "Pad conds: True" in infotext
+    assert json.loads(answer["info"])["ignored_fields"] == []
+
+
 def test_n_iter_numbers_the_seeds_and_a_random_seed_is_reported(served):
     url, pipe = served
     status, answer = call(
@@ -153,6 +170,8 @@ BAD_REQUESTS = {
         {"override_settings": {"CLIP_stop_at_last_layers": "2"}},
         "must be int",
     ),
+    "bad emphasis weight": ("txt2img", {"prompt": "(a:1.2.3)"}, "'1.2.3' in ':1.2.3)' is not a number"),
+    "unknown emphasis": ("txt2img", {"override_settings": {"emphasis": "Loud"}}, "emphasis must be one of"),
     "body is a list": ("txt2img", [1], "JSON object"),
     "body not JSON": ("txt2img", b"{nope", "not JSON"),
     "no init image": ("img2img", {"prompt": "x"}, "needs init_images"),
