@@ -33,6 +33,7 @@ log = logging.getLogger("sd")
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp", ".avif", ".jxl")
 _IMAGE_SUFFIXES = (".png", ".webp", ".avif", ".jxl")
+MAX_VECTORS = 75  # an embedding is never split across chunks, so one must fit in a chunk
 
 
 class EmbeddingError(ValueError):
@@ -148,6 +149,9 @@ class Embeddings:
             kind = {1024: "an SD2", 1280: "an SDXL"}.get(embedding.width, "a")
             raise EmbeddingError(f"{embedding.path or embedding.name}: {kind} embedding of width "
                                  f"{embedding.width}; this text encoder needs {self.width}")  # fmt: skip
+        if len(embedding) > MAX_VECTORS:
+            where = embedding.path or embedding.name
+            raise EmbeddingError(f"{where}: {len(embedding)} vectors; a prompt chunk holds {MAX_VECTORS}")
         ids = tuple(self.tokenize(embedding.name))
         if not ids:
             raise EmbeddingError(f"{embedding.path or embedding.name}: the name has no tokens")

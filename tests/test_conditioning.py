@@ -284,6 +284,7 @@ def test_wrong_sizes_are_skipped_with_the_reason(tmp_path, tok) -> None:
     )
     save_file({"emb_params": torch.randn(2, 1024)}, str(tmp_path / "sd2.safetensors"))
     save_file({"a": torch.randn(2, WIDTH), "b": torch.randn(2, WIDTH)}, str(tmp_path / "two.safetensors"))
+    save_file({"emb_params": torch.randn(76, 768)}, str(tmp_path / "huge.safetensors"))
     Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
     found = Embeddings(lambda text: ids(tok, text), 768)
     found.load_folder(tmp_path)
@@ -292,6 +293,7 @@ def test_wrong_sizes_are_skipped_with_the_reason(tmp_path, tok) -> None:
     assert "an SDXL embedding (clip_g + clip_l)" in reasons["xl.safetensors"]
     assert "an SD2 embedding of width 1024" in reasons["sd2.safetensors"]
     assert "not an embedding (keys: a, b)" in reasons["two.safetensors"]
+    assert "76 vectors; a prompt chunk holds 75" in reasons["huge.safetensors"]
     assert "without an sd-ti-embedding" in reasons["photo.png"]
     assert all("\n" not in why for why in reasons.values())
 
