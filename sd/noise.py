@@ -15,7 +15,9 @@ about 2e-7; so does this, being the same arithmetic).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -189,8 +191,55 @@ class ImageNoise:
         return torch.stack([randn(stream, self.shape) for stream in self.streams])
 
 
+@contextlib.contextmanager
+def _torchsde_draws_from(source: str) -> Iterator[None]:
+    """torchsde's normal draws taken from `source` (A1111 patches torchsde's `_randn` so)."""
+    from torchsde._brownian import brownian_interval
+
+    original = brownian_interval._randn
+
+    def draw(size: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int) -> torch.Tensor:
+        return randn_seeded(source, int(seed), size).to(device=device, dtype=dtype)
+
+    brownian_interval._randn = draw
+    try:
+        with warnings.catch_warnings():
+            # torchsde warns when a query point is outside its interval by float rounding (ta=0.02916753
+            # against t0=0.029168): harmless, and A1111's own runs hit it at every first and last step.
+            warnings.filterwarnings("ignore", message="Should have t", category=UserWarning)
+            yield
+    finally:
+        brownian_interval._randn = original
+
+
+class BrownianNoise:
+    """The SDE samplers' noise as A1111 gives it: one torchsde Brownian tree per image over [sigma_min,
+    sigma_max], seeded with the image's seed, its normals from the RNG source. `noise(sigma, sigma_next)` is
+    the increment between the two levels over the square root of their distance (k-diffusion's
+    BrownianTreeNoiseSampler)."""
+
+    def __init__(
+        self, x: torch.Tensor, sigma_min: torch.Tensor, sigma_max: torch.Tensor, seeds: Sequence[int],
+        source: str = "GPU",
+    ):  # fmt: skip
+        import torchsde
+
+        self.source = check_source(source)
+        self.sign = 1 if sigma_min < sigma_max else -1
+        t0, t1 = (sigma_min, sigma_max) if self.sign == 1 else (sigma_max, sigma_min)
+        with _torchsde_draws_from(self.source):
+            self.trees = [torchsde.BrownianTree(t0, torch.zeros_like(x[0]), t1, entropy=s) for s in seeds]
+
+    def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        t0, t1, sign = (sigma, sigma_next, 1) if sigma < sigma_next else (sigma_next, sigma, -1)
+        with _torchsde_draws_from(self.source):
+            w = torch.stack([tree(t0, t1) for tree in self.trees]) * (self.sign * sign)
+        return w / (t1 - t0).abs().sqrt()
+
+
 __all__ = [
     "RNG_SOURCES",
+    "BrownianNoise",
     "ImageNoise",
     "PhiloxGenerator",
     "check_source",
