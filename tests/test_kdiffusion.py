@@ -225,7 +225,9 @@ def test_every_schedule_type_is_a_descending_ramp() -> None:
         assert abs(float(sigmas[0]) - top) < 0.02 * top, kind
     assert float(get_sigmas("kl_optimal", 10, MODEL_SIGMAS)[-1]) == pytest.approx(MODEL_SIGMAS.sigma_min)
     # NVIDIA's 11 levels as they are at 11 steps (A1111's n), interpolated in log sigma otherwise
-    assert get_sigmas("align_your_steps", 11, MODEL_SIGMAS)[:3].tolist() == pytest.approx([14.615, 6.475, 3.861])
+    assert get_sigmas("align_your_steps", 11, MODEL_SIGMAS)[:3].tolist() == pytest.approx(
+        [14.615, 6.475, 3.861]
+    )
     assert schedule_type("SGM Uniform") == schedule_type("sgmuniform") == "sgm_uniform"
     assert schedule_type("Align Your Steps") == "align_your_steps"
     with pytest.raises(ValueError, match="unknown schedule type 'Fancy'"):
