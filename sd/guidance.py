@@ -37,16 +37,35 @@ def pad_with_empty(context: torch.Tensor, length: int, empty: torch.Tensor) -> t
 
 
 class Guidance:
-    """The guided model of one run: call it as model(x, t) once per model call."""
+    """The guided model of one run: call it as model(x, t) once per model call.
 
-    def __init__(self, conditioning: Conditioning, cfg_scale: float):
+    `a1111`: A1111's CFG denoiser instead of diffusers' rule: guidance at every scale (no CFG-1 shortcut),
+    and its batch layout, conditional rows first (image by image, each image's AND parts together), then
+    the unconditional ones; with different lengths the conditional call comes first.
+    """
+
+    def __init__(self, conditioning: Conditioning, cfg_scale: float, a1111: bool = False):
         self.conditioning = conditioning
         self.cfg_scale = cfg_scale
+        self.a1111 = a1111
         parts = conditioning.parts
         # Plain prompt below CFG 1: the prompt's prediction alone (diffusers' rule; no negative pass).
-        self.guided = cfg_scale > 1.0 or len(parts) > 1 or parts[0][1] != 1.0
+        self.guided = a1111 or cfg_scale > 1.0 or len(parts) > 1 or parts[0][1] != 1.0
         self.calls = 0
         self.padded = False  # whether "Pad conds" padded anything (A1111 records it only then)
+
+    def _cond_batch(self, x: torch.Tensor, conds: list[torch.Tensor]):
+        """(x rows, context rows, split) of the conditional batch; split(output) gives one output per part."""
+        batch, parts = x.shape[0], len(conds)
+        if self.a1111:  # image-major: image 0's parts, image 1's parts, ...
+            contexts = torch.stack(conds).repeat(batch, 1, 1)
+
+            def by_part(out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                return out.unflatten(0, (batch, parts)).unbind(1)
+
+            return x.repeat_interleave(parts, 0), contexts, by_part
+        contexts = torch.cat([c[None].expand(batch, -1, -1) for c in conds])
+        return torch.cat([x] * parts), contexts, lambda out: out.chunk(parts)
 
     def __call__(self, model: Model, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         call, self.calls = self.calls, self.calls + 1
@@ -55,12 +74,9 @@ class Guidance:
         conds = [scheduled.at(call) for scheduled, _ in parts]
         length = max(c.shape[0] for c in conds)
         conds = [pad_by_repeating_last(c, length) for c in conds]
-
-        def rows(context: torch.Tensor) -> torch.Tensor:
-            return context[None].expand(batch, -1, -1)
-
         if not self.guided:
-            return model(x, rows(conds[0]), t)
+            return model(x, conds[0][None].expand(batch, -1, -1), t)
+
         uncond = self.conditioning.uncond.at(call)
         empty = self.conditioning.empty
         if empty is not None and uncond.shape[0] != length:
@@ -68,15 +84,22 @@ class Guidance:
             length = max(uncond.shape[0], length)
             uncond = pad_with_empty(uncond, length, empty)
             conds = [pad_with_empty(c, length, empty) for c in conds]
-        if uncond.shape[0] == length:
-            contexts = torch.cat([rows(c) for c in [uncond, *conds]])
-            out = model(torch.cat([x] * (1 + len(conds))), contexts, t).chunk(1 + len(conds))
-            uncond_out, cond_outs = out[0], out[1:]
-        else:  # different lengths: two calls
-            uncond_out = model(x, rows(uncond), t)
-            cond_outs = model(torch.cat([x] * len(conds)), torch.cat([rows(c) for c in conds]), t).chunk(
-                len(conds)
-            )
+        uncond_rows = uncond[None].expand(batch, -1, -1)
+        x_cond, cond_rows, split = self._cond_batch(x, conds)
+        if uncond.shape[0] != length:  # different lengths: two calls, A1111's conditional one first
+            if self.a1111:
+                cond_out = model(x_cond, cond_rows, t)
+                uncond_out = model(x, uncond_rows, t)
+            else:
+                uncond_out = model(x, uncond_rows, t)
+                cond_out = model(x_cond, cond_rows, t)
+            cond_outs = split(cond_out)
+        elif self.a1111:
+            out = model(torch.cat([x_cond, x]), torch.cat([cond_rows, uncond_rows]), t)
+            cond_outs, uncond_out = split(out[: len(x_cond)]), out[len(x_cond) :]
+        else:
+            out = model(torch.cat([x, x_cond]), torch.cat([uncond_rows, cond_rows]), t)
+            uncond_out, cond_outs = out[:batch], split(out[batch:])
         result = uncond_out
         for cond_out, (_, weight) in zip(cond_outs, parts, strict=True):
             result = result + (self.cfg_scale * weight) * (cond_out - uncond_out)

@@ -66,8 +66,12 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
-def tensor_to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded like diffusers (not truncated)."""
+def tensor_to_uint8(images: torch.Tensor, truncate: bool = False) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, rounded like diffusers, or (`truncate`) A1111's
+    way: clamp((x + 1) / 2, 0, 1), times 255, cast (floor)."""
+    if truncate:
+        images = ((images.float() + 1.0) / 2.0).clamp(0, 1)
+        return (255.0 * images.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
     images = (images.float() / 2 + 0.5).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 

@@ -53,6 +53,19 @@ class GenerationParams:
     # only when that padded anything).
     pad_conds: bool = False
     ti_hashes: str | None = None  # "name: hash, ..." of the embeddings used (written, not needed to replay)
+    # A1111's way (its samplers, noise, CFG and pixels: sd.samplers.a1111, sd.noise), else diffusers'.
+    a1111: bool = False
+    schedule: str = "Automatic"  # A1111 "Schedule type"
+    rng: str = "GPU"  # A1111 "RNG": GPU (CUDA's Philox, computed here), CPU or NV
+    ensd: int = 0  # eta noise seed delta
+    subseed: int | None = None  # variation seed
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None  # (width, height)
+    eta: float | None = None  # ancestral / SDE eta; None: A1111's default, 1.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = 0.0
+    s_noise: float = 1.0
 
     def to_text(self) -> str:
         lines = [self.prompt]

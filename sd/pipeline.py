@@ -39,10 +39,13 @@ from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
+from .noise import ImageNoise
 from .params import GenerationParams
 from .prompts import extract_networks
 from .samplers import Sampler, eps_from_v, get_sampler
+from .samplers.a1111 import A1111Sampler
 from .samplers.schedule import alphas_cumprod
+from .samplers.sigmas import ModelSigmas, ldm_alphas_cumprod
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger("sd")
@@ -191,25 +194,28 @@ class Pipeline:
         return PromptEncoder(lambda: self._use("clip"), self.tokenizer, self.embeddings, clip_skip, emphasis,
                              self.comma_backtrack, self.device)  # fmt: skip
 
-    def condition(self, params: GenerationParams, sampler: Sampler) -> Conditioning:
-        """The run's conditioning: A1111 prompt syntax, any length, embeddings; each distinct text encoded
-        once. <lora:...> tags are taken out of the prompt (not yet applied: a warning says so)."""
+    def condition(self, params: GenerationParams, total_steps: int) -> Conditioning:
+        """The run's conditioning over `total_steps` prompt-editing steps: A1111 prompt syntax, any length,
+        embeddings; each distinct text encoded once. <lora:...> tags are taken out of the prompt (not yet
+        applied: a warning says so)."""
         prompt, tags = extract_networks(params.prompt)
         for tag in tags:
             log.warning("%s: %s networks are not supported yet; the tag is ignored", tag.text, tag.kind)
         encoder = self.prompt_encoder(params.clip_skip, params.emphasis)
-        conditioning = condition(encoder, prompt, params.negative_prompt, sampler.num_steps * sampler.order,
-                                 params.pad_conds)  # fmt: skip
+        conditioning = condition(encoder, prompt, params.negative_prompt, total_steps, params.pad_conds)
         self._release("clip")
         return conditioning
 
     @torch.no_grad()
-    def encode_image(self, image: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        """Scaled latents of `image`, sampled from the VAE's distribution with `generator`."""
+    def encode_image(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
+        """Scaled latents of `image`, sampled from the VAE's distribution with `generator` (its mean for
+        None)."""
         encoder = self._use("encoder")
         pixels = pil_to_tensor(image).to(self.device, dtype_of(encoder))
         with large_buffers_from_kernel():  # the VAE's few huge activations would fragment the heap
-            latents = encoder.encode(pixels).sample(generator) * self.config.vae.scaling_factor
+            posterior = encoder.encode(pixels)
+            latents = posterior.mean if generator is None else posterior.sample(generator)
+            latents = latents * self.config.vae.scaling_factor
         self._release("encoder")
         return latents
 
@@ -221,15 +227,18 @@ class Pipeline:
         return latents.shape[-2] * latents.shape[-1] > TILE_ABOVE_LATENTS
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> (B, H, W, 3) uint8, one image at a time (a batch would multiply peak memory)."""
+    def decode(self, latents: torch.Tensor, truncate: bool = False) -> np.ndarray:
+        """Latents -> (B, H, W, 3) uint8, one image at a time (a batch would multiply peak memory); pixels
+        rounded (diffusers) or truncated (`truncate`, A1111)."""
         decoder = self._use("decoder")
         latents = latents.to(dtype_of(decoder))
         tiled = self.tiles_vae(latents)
         scale = self.config.vae.downscale
         with large_buffers_from_kernel():  # the VAE's few huge activations would fragment the heap
             images = np.concatenate([
-                tensor_to_uint8(decode_in_tiles(decoder, one[None], scale) if tiled else decoder(one[None]))
+                tensor_to_uint8(
+                    decode_in_tiles(decoder, one[None], scale) if tiled else decoder(one[None]), truncate
+                )
                 for one in latents
             ])  # fmt: skip
         self._release("decoder")
@@ -282,38 +291,92 @@ class Pipeline:
         check_settings(params.steps, params.cfg_scale, params.strength)
         if num_images < 1:
             raise ValueError(f"number of images must be at least 1, got {num_images}")
-        sampler = get_sampler(params.sampler, params.steps, self.config.schedule, params.karras, eta)
-        generator = torch.Generator("cpu").manual_seed(params.seed)
-        conditioning = self.condition(params, sampler)
-        guidance = Guidance(conditioning, params.cfg_scale)
-
+        if image is not None and image.size != (params.width, params.height):
+            image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
         down = self.config.vae.downscale
         shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
+        run = self._sample_a1111 if params.a1111 else self._sample_diffusers
+        latents, conditioning, guidance = run(params, shape, eta, callback, image)
+        pixels = self.decode(latents, truncate=params.a1111)
+        params = replace(params, batch_size=num_images, ti_hashes=ti_hashes(conditioning.embeddings),
+                         pad_conds=guidance.padded)  # fmt: skip
+        return [
+            self._with_params(Image.fromarray(p), replace(params, batch_pos=i)) for i, p in enumerate(pixels)
+        ]
+
+    def _sample_diffusers(self, params, shape, eta, callback, image):
+        """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order."""
+        sampler = get_sampler(params.sampler, params.steps, self.config.schedule, params.karras, eta)
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        conditioning = self.condition(params, sampler.num_steps * sampler.order)
+        guidance = Guidance(conditioning, params.cfg_scale)
         start = 0
         if image is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
             latents = noise.to(self.device) * sampler.init_noise_sigma
         else:
             start = sampler.start_index(params.strength)
-            resized = (
-                image
-                if image.size == (params.width, params.height)
-                else image.resize((params.width, params.height), Image.Resampling.LANCZOS)
-            )
-            clean = self.encode_image(resized, generator).float().expand(num_images, -1, -1, -1)
+            clean = self.encode_image(image, generator).float().expand(shape[0], -1, -1, -1)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = sampler.add_noise(clean, noise, start)
-
         step = None
         for step in self.denoise(latents, guidance, sampler, generator, start):
             if callback is not None:
                 callback(step)
-        pixels = self.decode(step.latents)
-        params = replace(params, batch_size=num_images, ti_hashes=ti_hashes(conditioning.embeddings),
-                         pad_conds=guidance.padded)  # fmt: skip
-        return [
-            self._with_params(Image.fromarray(p), replace(params, batch_pos=i)) for i, p in enumerate(pixels)
-        ]
+        return step.latents, conditioning, guidance
+
+    def _sample_a1111(self, params, shape, eta, callback, image):
+        """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image."""
+        model_sigmas = ModelSigmas(ldm_alphas_cumprod(self.config.schedule))
+        sampler = A1111Sampler(
+            params.sampler, params.steps, model_sigmas, params.schedule, params.eta,
+            params.s_churn, params.s_tmin, params.s_tmax, params.s_noise,
+        )  # fmt: skip
+        conditioning = self.condition(params, sampler.total_steps)
+        guidance = Guidance(conditioning, params.cfg_scale, a1111=True)
+        # A1111 gives every image of a variation-seed batch the same seed (and numbered subseeds).
+        numbered = [params.seed + i for i in range(shape[0])]
+        seeds = numbered if not params.subseed_strength else [params.seed] * shape[0]
+        subseeds = [(params.subseed or 0) + i for i in range(shape[0])]
+        noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,
+                           params.seed_resize_from, params.ensd)  # fmt: skip
+        x = noise.next().to(self.device)
+        start = 0
+        if image is None:
+            x = x * sampler.sigmas[0]
+        else:
+            # A1111 samples the VAE posterior from an RNG the seed does not control: the mean is the
+            # reproducible part of it.
+            start = sampler.img2img_start(params.strength)
+            clean = self.encode_image(image, None).float().expand(shape[0], -1, -1, -1)
+            x = clean + x * sampler.sigmas[start]
+
+        unet = self._use("diffusion")
+        dtype = dtype_of(unet)
+        v_prediction = self.config.schedule.prediction_type == "v_prediction"
+        timestep = [0.0]  # of the latest model call, for the progress callback
+
+        def denoised(x_in: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            """k-diffusion's CompVisDenoiser (CompVisVDenoiser for v-prediction) over our U-Net."""
+            c_in = 1 / (sigma**2 + 1) ** 0.5
+            t = model_sigmas.sigma_to_t(sigma)
+            timestep[0] = float(t)
+            out = unet((x_in * c_in).to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
+            if v_prediction:
+                return out * (-sigma / (sigma**2 + 1) ** 0.5) + x_in * (1 / (sigma**2 + 1))
+            return x_in + out * -sigma
+
+        @torch.no_grad()
+        def model(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return guidance(denoised, x_in, sigma)
+
+        total = sampler.calls(start)
+        latents = x
+        for index, latents in enumerate(sampler.sample(model, x, noise, start)):
+            if callback is not None:
+                callback(Step(index, total, timestep[0], latents))
+        self._release("diffusion")
+        return latents, conditioning, guidance
 
     def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
         # The text travels in image.info["parameters"]; save_png writes it into the PNG.

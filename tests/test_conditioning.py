@@ -331,9 +331,9 @@ def test_textual_inversion_matches_diffusers(world: World, tmp_path) -> None:
     if world.name != "tiny":
         pytest.skip("the tiny model proves the mapping; the full-size CLIP is covered by the parity tests")
     from diffusers import StableDiffusionPipeline
-    from test_parity import assert_close
 
     from reference import reference_tokenizer
+    from test_parity import assert_close
 
     gen = torch.Generator().manual_seed(11)
     single = torch.randn(1, WIDTH, generator=gen) * 0.02

@@ -9,12 +9,6 @@ Schedules are checked against k-diffusion's functions and the values a1111-seman
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-from importlib import metadata
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,36 +17,15 @@ from sd.noise import BrownianNoise, ImageNoise, _torchsde_draws_from
 from sd.samplers import kdiffusion as ours
 from sd.samplers.sigmas import SCHEDULE_TYPES, ModelSigmas, get_sigmas, ldm_alphas_cumprod, schedule_type
 
+import kdiffusion_reference
+
 SEEDS = [7, 8]
 SHAPE = (4, 6, 5)
 
 
 @pytest.fixture(scope="module")
 def k():
-    """k-diffusion's sampling module, without running its package __init__ (which imports its training
-    dependencies): a stub package with the one helper sampling.py uses."""
-    try:
-        path = Path(metadata.distribution("k-diffusion").locate_file("k_diffusion/sampling.py"))
-    except metadata.PackageNotFoundError:
-        pytest.skip("k-diffusion is not installed: pip install --no-deps k-diffusion==0.1.1.post1")
-    package = types.ModuleType("k_diffusion")
-    package.__path__ = [str(path.parent)]
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    package.utils = utils
-    saved = {name: sys.modules.get(name) for name in ("k_diffusion", "k_diffusion.utils")}
-    sys.modules.update({"k_diffusion": package, "k_diffusion.utils": utils})
-    try:
-        spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-        sampling = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sampling)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-    return sampling
+    return kdiffusion_reference.load()[0]
 
 
 def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -214,6 +214,12 @@ def test_seed_generate_equals_pipeline(world: World) -> None:
     (image,) = Pipeline(world.ours).txt2img(PROMPT, NEGATIVE, steps=3, sampler="ddpm", **common)
     assert seed_api.dtype == np.uint8 and seed_api.shape == (SIZE, SIZE, 3)
     assert np.array_equal(seed_api, np.asarray(image))
+    # The seed's callers pass transformers' tokenizer: A1111 prompts work with it too.
+    weighted = "a (watercolor:1.3) painting BREAK of a lighthouse"
+    with_hf = generate(weighted, NEGATIVE, sampler_name="ddpm", n_inference_steps=3, models=world.ours,
+                       tokenizer=reference_tokenizer(), **common)  # fmt: skip
+    (image,) = Pipeline(world.ours).txt2img(weighted, NEGATIVE, steps=3, sampler="ddpm", **common)
+    assert np.array_equal(with_hf, np.asarray(image))
 
     # img2img with CFG switched off, and the models parked on an idle device between uses.
     picture = init_image(80, 72)

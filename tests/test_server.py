@@ -284,6 +284,7 @@ def test_sd_serve_end_to_end_with_the_built_in_model(tmp_path):
         pytest.skip("no built-in model")
     env = {k: v for k, v in os.environ.items() if k != "SD_CHECKPOINT"}
     env["SD_HOME"] = str(tmp_path)  # no checkpoint anywhere: the built-in model
+    env["PYTHONFAULTHANDLER"] = "1"  # so that SIGABRT makes a stuck server print where it is
     process = subprocess.Popen([sys.executable, "-m", "sd", "serve", "--port", "0"], env=env,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     # stderr is read to the end in a thread: a server blocked on a full pipe would never answer.
@@ -308,6 +309,12 @@ def test_sd_serve_end_to_end_with_the_built_in_model(tmp_path):
         assert images_of(answer)[0].size == (64, 64)  # the model's own size
     finally:
         process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # (seen rarely, in full runs only) show where it hangs
+            process.send_signal(signal.SIGABRT)
+            process.wait(timeout=30)
+            reader.join(timeout=10)
+            pytest.fail("sd serve did not stop on SIGINT; its stderr and threads:\n" + "".join(lines))
         reader.join(timeout=10)
     assert process.returncode == 0 and "sd serve: stopped" in "".join(lines), lines
