@@ -59,14 +59,21 @@ GENERATE_DEFAULTS = dict(
     clip_skip=1,
     emphasis="Original",
     pad_conds=False,
+    way="diffusers",
+    scheduler="Automatic",
+    rng="GPU",
+    ensd=0,
 )
 
 
 def resolve_params(args: argparse.Namespace):
     """GenerationParams from the flags, on top of a PNG's parameters when --from-png is given."""
     from .images import read_png_parameters
-    from .params import GenerationParams
+    from .noise import check_source
+    from .params import A1111_SAMPLER_NAMES, GenerationParams
     from .pipeline import new_seed
+    from .samplers.a1111 import exact_label as a1111_label
+    from .samplers.a1111 import sampler_label
 
     base = GenerationParams(prompt="")
     if args.from_png:
@@ -88,7 +95,9 @@ def resolve_params(args: argparse.Namespace):
     elif args.strength is not None:
         raise ValueError("--strength needs --init-image")
     seed = args.seed if args.seed is not None else (base.seed if args.from_png else new_seed())
-    return replace(
+    way = args.way or ("a1111" if args.from_png and base.a1111 else GENERATE_DEFAULTS["way"])
+    variation_strength = base.subseed_strength if args.variation_strength is None else args.variation_strength
+    params = replace(
         base,
         prompt=args.prompt if args.prompt is not None else base.prompt,
         negative_prompt=pick("negative", "negative_prompt"),
@@ -104,7 +113,21 @@ def resolve_params(args: argparse.Namespace):
         emphasis=pick("emphasis", "emphasis"),
         pad_conds=pick("pad_conds", "pad_conds"),
         ti_hashes=None,  # written anew from the embeddings this run uses
+        a1111=way == "a1111",
+        schedule=pick("scheduler", "schedule"),
+        rng=pick("rng", "rng").upper(),
+        ensd=pick("ensd", "ensd"),
+        subseed=args.variation_seed if args.variation_seed is not None else base.subseed,
+        subseed_strength=variation_strength,
     )
+    if params.a1111 and a1111_label(params.sampler) is None:
+        # our names in A1111's way: "dpmpp_2m" -> "DPM++ 2M" (--karras: its Karras schedule)
+        ours_to_a1111 = {ours: a1111 for a1111, ours in A1111_SAMPLER_NAMES.items()}
+        label = sampler_label(ours_to_a1111.get(params.sampler, params.sampler))
+        params = replace(params, sampler=label, schedule="Karras" if params.karras else params.schedule)
+    if params.a1111:
+        check_source(params.rng)
+    return params
 
 
 def output_paths(out: str | None, count: int, seed: int) -> list[Path]:
@@ -184,10 +207,13 @@ def load_pipeline(args: argparse.Namespace):
 def cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .config import SD15
     from .images import load_image, save_png
     from .pipeline import check_settings, check_size
     from .prompts import check_prompt
     from .samplers import get_sampler
+    from .samplers.a1111 import A1111Sampler
+    from .samplers.sigmas import ModelSigmas, ldm_alphas_cumprod
 
     params = resolve_params(args)
     # Cheap checks first: a typo should not cost a 4 GB load.
@@ -202,14 +228,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_settings(params.steps, params.cfg_scale, params.strength)
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
-    sampler = get_sampler(params.sampler, params.steps, karras=params.karras, eta=args.eta)
-    total = sampler.calls(params.strength)  # also refuses a strength that leaves no steps
+    if params.a1111:
+        a1111 = A1111Sampler(params.sampler, params.steps, ModelSigmas(ldm_alphas_cumprod(SD15.schedule)),
+                             params.schedule)  # fmt: skip
+        total = a1111.calls(a1111.img2img_start(params.strength) if params.strength else 0)
+    else:
+        sampler = get_sampler(params.sampler, params.steps, karras=params.karras, eta=args.eta)
+        total = sampler.calls(params.strength)  # also refuses a strength that leaves no steps
+    for key in params.unhonoured:
+        print(f"warning: {key} (from the PNG) is not supported yet; the image is made without it",
+              file=sys.stderr)  # fmt: skip
     num = args.num if args.num is not None else (params.batch_size if args.from_png else 1)
     if num < 1:
         raise ValueError(f"-n must be at least 1, got {num}")
     # --from-png of one image of a batch: re-run the batch (one shared generator), keep that image.
     keep = [params.batch_pos] if args.from_png and args.num is None and num > 1 else None
     pipe = load_pipeline(args)
+    if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
+        print(f"warning: the PNG was made with model hash {params.model_hash}; this checkpoint's is "
+              f"{pipe.model_hash}, so the image will differ", file=sys.stderr)  # fmt: skip
     bars: list[tqdm] = []  # opened at the first step, so warnings from prompt encoding print cleanly
 
     def progress(step: object) -> None:
@@ -446,6 +483,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="pad the shorter of prompt and negative prompt with empty chunks, one U-Net call (A1111 option)",
+    )
+    a1111 = gen.add_argument_group(
+        "A1111's way (--way a1111: its samplers, schedules, per-image noise and pixels, as its PNGs say)"
+    )
+    a1111.add_argument(
+        "--way",
+        choices=("a1111", "diffusers"),
+        help="a1111: make the image as AUTOMATIC1111 does (sampler names 'DPM++ 2M', 'Euler a', ...); "
+        "diffusers: as diffusers does (default diffusers; --from-png: the PNG's way)",
+    )
+    a1111.add_argument(
+        "--scheduler", help="A1111 schedule type: Automatic, Karras, Exponential, ... (default Automatic)"
+    )
+    a1111.add_argument(
+        "--rng", choices=("gpu", "cpu", "nv", "GPU", "CPU", "NV"), help="noise source (default GPU)"
+    )
+    a1111.add_argument("--ensd", type=int, help="eta noise seed delta, e.g. 31337 (default 0)")
+    a1111.add_argument("--variation-seed", type=int, metavar="S", help="A1111's variation seed (subseed)")
+    a1111.add_argument(
+        "--variation-strength", type=float, metavar="F", help="how much of it, 0..1 (default 0)"
     )
     gen.add_argument("--from-png", metavar="FILE", help="take the settings from a PNG made by sd (or A1111)")
     gen.add_argument("-o", "--output", metavar="OUT", help="FILE.png or folder (default ./outputs/)")

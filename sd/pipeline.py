@@ -296,10 +296,10 @@ class Pipeline:
         down = self.config.vae.downscale
         shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
         run = self._sample_a1111 if params.a1111 else self._sample_diffusers
-        latents, conditioning, guidance = run(params, shape, eta, callback, image)
+        latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image)
         pixels = self.decode(latents, truncate=params.a1111)
         params = replace(params, batch_size=num_images, ti_hashes=ti_hashes(conditioning.embeddings),
-                         pad_conds=guidance.padded)  # fmt: skip
+                         pad_conds=guidance.padded, unhonoured=(), **resolved)  # fmt: skip
         return [
             self._with_params(Image.fromarray(p), replace(params, batch_pos=i)) for i, p in enumerate(pixels)
         ]
@@ -323,7 +323,7 @@ class Pipeline:
         for step in self.denoise(latents, guidance, sampler, generator, start):
             if callback is not None:
                 callback(step)
-        return step.latents, conditioning, guidance
+        return step.latents, conditioning, guidance, {}
 
     def _sample_a1111(self, params, shape, eta, callback, image):
         """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image."""
@@ -376,7 +376,8 @@ class Pipeline:
             if callback is not None:
                 callback(Step(index, total, timestep[0], latents))
         self._release("diffusion")
-        return latents, conditioning, guidance
+        # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
+        return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
 
     def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
         # The text travels in image.info["parameters"]; save_png writes it into the PNG.

@@ -294,3 +294,51 @@ def test_builtin_model_when_no_checkpoint(capsys, tmp_path, caplog) -> None:
     assert "built-in shapes model" in caplog.text + capsys.readouterr().err
     assert pipe.model_name == BUILTIN_MODEL.stem
     assert pipe.txt2img("a red circle", steps=2, seed=0)[0].size == (64, 64)  # its size, not SD's 512
+
+
+def test_a1111_way_from_the_command_line_and_back_from_its_png(ckpt, capsys, tmp_path) -> None:
+    flags = ["--ckpt", ckpt, "--width", "64", "--height", "64", "--steps", "4", "--seed", "9"]
+    code, _, err = run(capsys, "generate", "a (red:1.2) fox", "--way", "a1111", "--sampler", "DPM++ 2M",
+                         "--scheduler", "karras", "--rng", "cpu", "--ensd", "31337", "--variation-seed", "5",
+                         "--variation-strength", "0.3", "-o", str(tmp_path / "a.png"), *flags)  # fmt: skip
+    assert code == 0, err
+    text = read_png_parameters(tmp_path / "a.png")
+    expected_parts = (
+        "Sampler: DPM++ 2M, Schedule type: Karras",
+        "Variation seed: 5, Variation seed strength: 0.3",
+        "ENSD: 31337, RNG: CPU",
+    )
+    for part in expected_parts:
+        assert part in text, text
+    assert "Sampling" not in text  # an A1111 infotext, nothing of ours
+    code, _, err = run(capsys, "generate", "--from-png", str(tmp_path / "a.png"), "--ckpt", ckpt,
+                         "-o", str(tmp_path / "b.png"))  # fmt: skip
+    assert code == 0, err
+    first, again = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
+    assert np.array_equal(first, again)
+    # our names in A1111's way, and the default way's PNG says which way it was
+    code, _, err = run(capsys, "generate", "a fox", "--way", "a1111", "--sampler", "euler_a", "-o",
+                         str(tmp_path / "c.png"), *flags)  # fmt: skip
+    assert code == 0 and "Sampler: Euler a, Schedule type: Automatic" in read_png_parameters(
+        tmp_path / "c.png"
+    )
+    code, _, err = run(capsys, "generate", "a fox", "-o", str(tmp_path / "d.png"), *flags)
+    assert "Sampling: diffusers" in read_png_parameters(tmp_path / "d.png")
+
+
+def test_an_a1111_png_is_made_a1111s_way_with_what_cannot_be_honoured_named(ckpt, capsys, tmp_path) -> None:
+    from sd.images import save_png
+    from sd.pipeline import Pipeline
+    from sd.weights import load_models
+
+    text = ("a lighthouse\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, "
+            "CFG scale: 7, Seed: 42, Size: 64x64, Model hash: 0000000000, Model: other, Hires upscale: 2, "
+            "Version: v1.10.1")  # fmt: skip
+    save_png(Image.new("RGB", (64, 64)), tmp_path / "a1111.png", text)
+    code, _, err = run(capsys, "generate", "--from-png", str(tmp_path / "a1111.png"), "--ckpt", ckpt,
+                         "-o", str(tmp_path / "ours.png"))  # fmt: skip
+    assert code == 0, err
+    assert "warning: Hires upscale (from the PNG) is not supported yet" in err
+    assert "model hash 0000000000" in err
+    expected = Pipeline(load_models(ckpt)).run(GenerationParams.from_text(text))[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png")), np.asarray(expected))

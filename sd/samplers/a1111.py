@@ -96,6 +96,20 @@ def split_schedule(name: str) -> tuple[str, str | None]:
     raise ValueError(f"unknown A1111 sampler {name!r}; one of: {', '.join(SAMPLERS)}")
 
 
+def exact_label(name: str) -> tuple[str, str | None] | None:
+    """(label, schedule type key or None) when `name` is exactly as A1111 writes a sampler (with a schedule
+    suffix as before v1.9: "DPM++ 2M Karras"), or one of its aliases; None otherwise (e.g. our "dpmpp_2m")."""
+    if name in SAMPLERS:
+        return name, None
+    if name in ALIASES:
+        return ALIASES[name], None
+    for kind in SCHEDULE_TYPES.values():
+        prefix = name.removesuffix(" " + kind.label)
+        if prefix != name and prefix in SAMPLERS:
+            return prefix, schedule_type(kind.label)
+    return None
+
+
 @dataclass
 class A1111Sampler:
     """A1111 sampler `label` bound to `steps` and a schedule type ("Automatic": the sampler's own)."""
@@ -175,4 +189,12 @@ class A1111Sampler:
         yield from self.spec.function(model, x, self.sigmas[start:], **extra)
 
 
-__all__ = ["ALIASES", "SAMPLERS", "A1111Sampler", "SamplerSpec", "sampler_label", "split_schedule"]
+__all__ = [
+    "ALIASES",
+    "SAMPLERS",
+    "A1111Sampler",
+    "SamplerSpec",
+    "exact_label",
+    "sampler_label",
+    "split_schedule",
+]
