@@ -121,8 +121,9 @@ def run_ours(
 
 def assert_same(ours, theirs, what: str) -> None:
     (latents, pixels), (ref_latents, ref_pixels) = ours, theirs
-    scale = ref_latents.abs().max()
-    assert (latents - ref_latents).abs().max() <= 1e-4 * scale, what
+    scale, difference = ref_latents.abs().max(), (latents - ref_latents).abs().max()
+    print(f"{what}: max |latents - reference| {float(difference):.3g} (scale {float(scale):.3g})")  # -s shows it
+    assert difference <= 1e-4 * scale, what
     assert np.abs(pixels.astype(int) - ref_pixels.astype(int)).max() <= 1, what
 
 
