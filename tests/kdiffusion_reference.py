@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def load() -> tuple[types.ModuleType, types.ModuleType]:
@@ -46,3 +47,16 @@ def load() -> tuple[types.ModuleType, types.ModuleType]:
             else:
                 sys.modules[name] = module
     return loaded[0], loaded[1]
+
+
+class RandnFromStreams:
+    """torch, except that randn_like is the next draw of every image's stream (A1111's TorchHijack)."""
+
+    def __init__(self, noise):
+        self.noise = noise
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def randn_like(self, x, *args, **kwargs):
+        return self.noise.next().to(x)

@@ -40,17 +40,6 @@ SAMPLERS = {
 SD15_SAMPLERS = ("DPM++ 2M", "Euler a")
 
 
-class RandnFromStreams:
-    def __init__(self, noise: ImageNoise):
-        self.noise = noise
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def randn_like(self, x, *args, **kwargs):
-        return self.noise.next().to(x)
-
-
 def reference_sigmas(k, denoiser, schedule: str | None, steps: int, discard: bool) -> torch.Tensor:
     n = steps + 1 if discard else steps
     low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
@@ -89,7 +78,7 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
 
     sigmas = reference_sigmas(k, denoiser, schedule, steps, discard)
     noise = ImageNoise((4, SIZE // 8, SIZE // 8), seeds)
-    monkeypatch.setattr(k, "torch", RandnFromStreams(noise))
+    monkeypatch.setattr(k, "torch", kdiffusion_reference.RandnFromStreams(noise))
     first = noise.next()
     if clean is None:
         x, run_sigmas = first * sigmas[0], sigmas
@@ -122,7 +111,7 @@ def run_ours(
 def assert_same(ours, theirs, what: str) -> None:
     (latents, pixels), (ref_latents, ref_pixels) = ours, theirs
     scale, difference = ref_latents.abs().max(), (latents - ref_latents).abs().max()
-    print(f"{what}: max |latents - reference| {float(difference):.3g} (scale {float(scale):.3g})")  # -s shows it
+    print(f"{what}: max |latents - reference| {float(difference):.3g} (scale {float(scale):.3g})")
     assert difference <= 1e-4 * scale, what
     assert np.abs(pixels.astype(int) - ref_pixels.astype(int)).max() <= 1, what
 

@@ -34,19 +34,6 @@ def model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return x / (s**2 + 1) ** 0.5 * 0.9 + 0.2 * torch.sin(x * 1.3 + s) - 0.05 * s.log()
 
 
-class RandnFromStreams:
-    """torch, except that randn_like is the next draw of every image's stream (A1111's TorchHijack)."""
-
-    def __init__(self, noise: ImageNoise):
-        self.noise = noise
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def randn_like(self, x, *args, **kwargs):
-        return self.noise.next().to(x)
-
-
 MODEL_SIGMAS = ModelSigmas(ldm_alphas_cumprod(SD15.schedule))
 
 CASES = {
@@ -103,7 +90,7 @@ def run_ours(function, sigmas, kwargs, brownian, source):
 
 def run_theirs(k, name, sigmas, kwargs, brownian, source, monkeypatch):
     noise = ImageNoise(SHAPE, SEEDS, source)
-    monkeypatch.setattr(k, "torch", RandnFromStreams(noise))
+    monkeypatch.setattr(k, "torch", kdiffusion_reference.RandnFromStreams(noise))
     x = noise.next() * sigmas[0]
     extra = {}
     if brownian:
