@@ -42,6 +42,15 @@ def cmd_samplers(args: argparse.Namespace) -> int:
         extras = (["--karras"] if name in KARRAS_SAMPLERS else []) + [f"alias {a}" for a in aliases]
         suffix = f"  [{', '.join(extras)}]" if extras else ""
         print(f"{name:<{width}}  {description}{suffix}")
+    from .samplers.a1111 import SAMPLERS as A1111_SAMPLERS
+    from .samplers.sigmas import SCHEDULE_TYPES
+
+    print("\nA1111's way (--way a1111), with the schedule type each uses for --scheduler Automatic:")
+    width = max(map(len, A1111_SAMPLERS))
+    for label, spec in A1111_SAMPLERS.items():
+        schedule = SCHEDULE_TYPES[spec.schedule].label if spec.schedule else "the model's own (Uniform)"
+        print(f"  {label:<{width}}  {schedule}")
+    print(f"schedule types: Automatic, {', '.join(kind.label for kind in SCHEDULE_TYPES.values())}")
     return 0
 
 

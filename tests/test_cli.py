@@ -251,8 +251,13 @@ def test_not_a_model_is_one_line(capsys, tmp_path) -> None:
 
 
 def test_samplers_and_info(ckpt, capsys) -> None:
+    from sd.samplers.a1111 import SAMPLERS as A1111_SAMPLERS
+
     code, out, _ = run(capsys, "samplers")
-    assert code == 0 and all(name in out for name in SAMPLERS)
+    assert code == 0 and all(name in out for name in [*SAMPLERS, *A1111_SAMPLERS])
+    assert "  DPM++ 2M           Karras\n" in out
+    assert "  Euler a            the model's own (Uniform)\n" in out
+    assert "schedule types: Automatic, Uniform, Karras, Exponential," in out
     code, out, _ = run(capsys, "info", ckpt)
     assert code == 0 and "SD1.x" in out
 
