@@ -129,8 +129,8 @@ class A1111Sampler:
     discard_penultimate: bool = False  # forced on (A1111's always_discard_next_to_last_sigma)
 
     def __post_init__(self) -> None:
-        self.spec = SAMPLERS[sampler_label(self.label)]
         self.label = sampler_label(self.label)
+        self.spec = SAMPLERS[self.label]
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         self.schedule_key = (
