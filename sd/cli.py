@@ -58,9 +58,6 @@ def cmd_samplers(args: argparse.Namespace) -> int:
 
 GENERATE_DEFAULTS = dict(
     negative="",
-    steps=25,
-    cfg=7.5,
-    sampler="dpmpp_2m",
     karras=False,
     width=None,  # the model's native size (SD1.5: 512; img2img: the input's)
     height=None,
@@ -68,21 +65,24 @@ GENERATE_DEFAULTS = dict(
     clip_skip=1,
     emphasis="Original",
     pad_conds=False,
-    way="diffusers",
+    way="a1111",  # its users' expectations, and PNGs that A1111 reproduces
     scheduler="Automatic",
     rng="GPU",
     ensd=0,
 )
+# Each way's own defaults: A1111's UI (DPM++ 2M, Automatic = Karras, 20 steps, CFG 7) and diffusers'.
+WAY_DEFAULTS = {
+    "a1111": dict(steps=20, cfg=7.0, sampler="DPM++ 2M"),
+    "diffusers": dict(steps=25, cfg=7.5, sampler="dpmpp_2m"),
+}
 
 
 def resolve_params(args: argparse.Namespace):
     """GenerationParams from the flags, on top of a PNG's parameters when --from-png is given."""
     from .images import read_png_parameters
     from .noise import check_source
-    from .params import A1111_SAMPLER_NAMES, GenerationParams
+    from .params import GenerationParams, a1111_sampler
     from .pipeline import new_seed
-    from .samplers.a1111 import exact_label as a1111_label
-    from .samplers.a1111 import sampler_label
 
     base = GenerationParams(prompt="")
     if args.from_png:
@@ -90,13 +90,17 @@ def resolve_params(args: argparse.Namespace):
     elif args.prompt is None:
         raise ValueError('give a prompt (an empty one, "", is allowed) or --from-png FILE')
 
+    way = args.way or (
+        ("a1111" if base.a1111 else "diffusers") if args.from_png else GENERATE_DEFAULTS["way"]
+    )
+
     def pick(flag: str, field: str):
         value = getattr(args, flag)
         if value is not None:
             return value
         if args.from_png:
             return getattr(base, field)
-        return GENERATE_DEFAULTS[flag]
+        return WAY_DEFAULTS[way].get(flag, GENERATE_DEFAULTS.get(flag))
 
     strength = None
     if args.init_image:
@@ -104,7 +108,6 @@ def resolve_params(args: argparse.Namespace):
     elif args.strength is not None:
         raise ValueError("--strength needs --init-image")
     seed = args.seed if args.seed is not None else (base.seed if args.from_png else new_seed())
-    way = args.way or ("a1111" if args.from_png and base.a1111 else GENERATE_DEFAULTS["way"])
     variation_strength = base.subseed_strength if args.variation_strength is None else args.variation_strength
     params = replace(
         base,
@@ -129,12 +132,13 @@ def resolve_params(args: argparse.Namespace):
         subseed=args.variation_seed if args.variation_seed is not None else base.subseed,
         subseed_strength=variation_strength,
     )
-    if params.a1111 and a1111_label(params.sampler) is None:
-        # our names in A1111's way: "dpmpp_2m" -> "DPM++ 2M" (--karras: its Karras schedule)
-        ours_to_a1111 = {ours: a1111 for a1111, ours in A1111_SAMPLER_NAMES.items()}
-        label = sampler_label(ours_to_a1111.get(params.sampler, params.sampler))
-        params = replace(params, sampler=label, schedule="Karras" if params.karras else params.schedule)
     if params.a1111:
+        # A1111's names, any case, or ours: "dpmpp_2m" -> "DPM++ 2M" (--karras: its Karras schedule)
+        label, named_schedule = a1111_sampler(params.sampler)
+        schedule = "Karras" if params.karras else (named_schedule or params.schedule)
+        params = replace(params, sampler=label, schedule=schedule, karras=False)
+        if args.eta is not None:
+            params = replace(params, eta=args.eta)
         check_source(params.rng)
     return params
 
@@ -164,16 +168,28 @@ def output_paths(out: str | None, count: int, seed: int) -> list[Path]:
     return paths
 
 
+def _given_folder(value: str | None, flag: str, what: str, default: Path | None) -> Path | None:
+    if value is None:
+        return default
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{what} folder not found: {path} (from {flag})")
+    return path
+
+
 def embeddings_dir(args: argparse.Namespace) -> Path | None:
     """--embeddings-dir, else <models folder>/embeddings when it exists (A1111's layout)."""
     from .checkpoints import default_embeddings_dir
 
-    if args.embeddings_dir is not None:
-        path = Path(args.embeddings_dir).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"embeddings folder not found: {path} (from --embeddings-dir)")
-        return path
-    return default_embeddings_dir()
+    return _given_folder(args.embeddings_dir, "--embeddings-dir", "embeddings", default_embeddings_dir())
+
+
+def lora_dir(args: argparse.Namespace) -> Path | None:
+    """--lora-dir, else <models folder>/Lora when it exists (A1111's layout)."""
+    from .checkpoints import default_model_dir
+
+    default = default_model_dir() / "Lora"
+    return _given_folder(args.lora_dir, "--lora-dir", "LoRA", default if default.is_dir() else None)
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -186,6 +202,7 @@ def load_pipeline(args: argparse.Namespace):
 
     checkpoint = find_checkpoint(args.ckpt)
     embeddings = embeddings_dir(args)
+    loras = lora_dir(args)
     if checkpoint is None and BUILTIN_MODEL.exists():
         print(builtin_notice(), file=sys.stderr)
         checkpoint = BUILTIN_MODEL
@@ -209,6 +226,7 @@ def load_pipeline(args: argparse.Namespace):
         pipe = Pipeline.from_checkpoint(checkpoint, device=args.device, dtype=dtype, embeddings=embeddings)
     if len(pipe.embeddings):
         print(f"embeddings: {', '.join(pipe.embeddings.by_name)}", file=sys.stderr)
+    pipe.lora_dir = loras
     pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
     return pipe
 
@@ -242,16 +260,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              params.schedule)  # fmt: skip
         total = a1111.calls(a1111.img2img_start(params.strength) if params.strength else 0)
     else:
-        sampler = get_sampler(params.sampler, params.steps, karras=params.karras, eta=args.eta)
+        sampler = get_sampler(params.sampler, params.steps, karras=params.karras, eta=args.eta or 0.0)
         total = sampler.calls(params.strength)  # also refuses a strength that leaves no steps
     for key in params.unhonoured:
         print(f"warning: {key} (from the PNG) is not supported yet; the image is made without it",
               file=sys.stderr)  # fmt: skip
-    num = args.num if args.num is not None else (params.batch_size if args.from_png else 1)
+    # A1111's way: every image is its own seed, so one image replays alone.
+    replay_batch = args.from_png and not params.a1111
+    num = args.num if args.num is not None else (params.batch_size if replay_batch else 1)
     if num < 1:
         raise ValueError(f"-n must be at least 1, got {num}")
     # --from-png of one image of a batch: re-run the batch (one shared generator), keep that image.
-    keep = [params.batch_pos] if args.from_png and args.num is None and num > 1 else None
+    keep = [params.batch_pos] if replay_batch and args.num is None and num > 1 else None
     pipe = load_pipeline(args)
     if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
         print(f"warning: the PNG was made with model hash {params.model_hash}; this checkpoint's is "
@@ -263,7 +283,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bars.append(tqdm(total=total, desc="sampling", unit="step", file=sys.stderr))
         bars[0].update()
 
-    images = pipe.run(params, image, num_images=num, eta=args.eta, callback=progress)
+    images = pipe.run(params, image, num_images=num, eta=args.eta or 0.0, callback=progress)
     for bar in bars:
         bar.close()
     if keep is not None:
@@ -363,7 +383,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server = make_server(None, args.host, args.port)  # a taken port fails before the model loads
     try:
-        server.service = Service(load_pipeline(args))
+        server.service = Service(load_pipeline(args), args.way)
         host, port = server.server_address[:2]
         if args.host not in LOCAL_HOSTS:
             print(f"warning: listening on {args.host}: anyone who can reach port {port} can use the model",
@@ -419,6 +439,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "of the model folder, when it exists)",
     )
     group.add_argument(
+        "--lora-dir",
+        metavar="DIR",
+        help="LoRA files, named by <lora:NAME:WEIGHT> tags in prompts (default: the 'Lora' folder of the "
+        "model folder, when it exists)",
+    )
+    group.add_argument(
         "--backend",
         choices=("torch", "openvino"),
         default="torch",
@@ -451,18 +477,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="?", help='what to draw ("" = unconditional)')
     gen.add_argument("--negative", metavar="TEXT", help="negative prompt: what to avoid (default: none)")
-    gen.add_argument("--steps", type=int, help=f"sampling steps (default {GENERATE_DEFAULTS['steps']})")
+    gen.add_argument("--steps", type=int, help="sampling steps (default 20; --way diffusers: 25)")
     gen.add_argument(
         "--cfg",
         type=float,
         metavar="SCALE",
-        help=f"classifier-free guidance scale; <= 1 turns it off (default {GENERATE_DEFAULTS['cfg']})",
+        help="classifier-free guidance scale; <= 1 turns it off (default 7; --way diffusers: 7.5)",
     )
     gen.add_argument(
-        "--sampler", help=f"sampler name, see 'sd samplers' (default {GENERATE_DEFAULTS['sampler']})"
+        "--sampler", help="sampler name, see 'sd samplers' (default 'DPM++ 2M'; --way diffusers: dpmpp_2m)"
     )
     gen.add_argument("--karras", action="store_true", default=None, help="Karras sigma schedule")
-    gen.add_argument("--eta", type=float, default=0.0, help="DDIM eta (ddim only; default 0)")
+    gen.add_argument(
+        "--eta",
+        type=float,
+        help="the sampler's eta: noise added per step (A1111's way: ancestral and SDE samplers, default 1, "
+        "and DDIM, default 0; --way diffusers: ddim only, default 0)",
+    )
     gen.add_argument("--seed", type=int, help="random seed (default: a new one, saved in the PNG)")
     gen.add_argument(
         "--width",
@@ -494,13 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="pad the shorter of prompt and negative prompt with empty chunks, one U-Net call (A1111 option)",
     )
     a1111 = gen.add_argument_group(
-        "A1111's way (--way a1111: its samplers, schedules, per-image noise and pixels, as its PNGs say)"
+        "A1111's way (the default: its samplers, schedules, per-image noise and pixels, as its PNGs say)"
     )
     a1111.add_argument(
         "--way",
         choices=("a1111", "diffusers"),
         help="a1111: make the image as AUTOMATIC1111 does (sampler names 'DPM++ 2M', 'Euler a', ...); "
-        "diffusers: as diffusers does (default diffusers; --from-png: the PNG's way)",
+        "diffusers: as diffusers does (default a1111; --from-png: the PNG's way)",
     )
     a1111.add_argument(
         "--scheduler", help="A1111 schedule type: Automatic, Karras, Exponential, ... (default Automatic)"
@@ -552,6 +583,13 @@ status 400 and a one-line "detail".""",
     )
     serve.add_argument(
         "--port", type=_port, default=DEFAULT_PORT, help=f"(default {DEFAULT_PORT}; 0: any free one)"
+    )
+    serve.add_argument(
+        "--way",
+        choices=("a1111", "diffusers"),
+        default="a1111",
+        help='how images are made unless a request says (its "way" field): a1111, as AUTOMATIC1111 makes '
+        "them (its samplers, schedules, noise and pixels), or diffusers (default a1111)",
     )
     add_model_options(serve)
     serve.set_defaults(run=cmd_serve)

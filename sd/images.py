@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from .infotext import from_novelai
+
 # Transparent pixels are flattened onto white, as A1111's img2img does by default; dropping the alpha
 # channel instead would expose whatever colour the encoder left under it (often black).
 BACKGROUND = (255, 255, 255)
@@ -86,10 +88,15 @@ def save_png(image: Image.Image, path: str | Path | BinaryIO, parameters: str | 
 
 
 def read_png_parameters(path: str | Path) -> str:
-    """The `parameters` text of a PNG written by us (or by A1111-style tools)."""
+    """The `parameters` text of a PNG written by us or A1111-style tools (a NovelAI PNG's settings as A1111
+    converts them)."""
     try:
         with Image.open(path) as image:
-            text = image.info.get(PARAMETERS_KEY) or getattr(image, "text", {}).get(PARAMETERS_KEY)
+            chunks = {
+                **getattr(image, "text", {}),
+                **{k: v for k, v in image.info.items() if isinstance(v, str)},
+            }
+            text = chunks.get(PARAMETERS_KEY) or from_novelai(chunks, image.width, image.height)
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot read PNG {path}: {error}") from None
     if not text:

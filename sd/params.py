@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 
+from .infotext import backcompat, format_infotext, parse_infotext, parse_version
 from .samplers.a1111 import exact_label as a1111_label
+from .samplers.a1111 import split_schedule
 from .samplers.sigmas import SCHEDULE_TYPES
 
 A1111_SAMPLER_NAMES = {
@@ -30,6 +32,17 @@ A1111_SAMPLER_NAMES = {
     "lcm": "lcm",
     "ddpm": "ddpm",
 }
+
+
+def a1111_sampler(name: str) -> tuple[str, str | None]:
+    """(A1111 label, schedule type label or None) for a sampler named A1111's way ("DPM++ 2M", "dpm++ 2m
+    karras", "k_euler_a") or ours ("dpmpp_2m" -> "DPM++ 2M"); ValueError for an unknown one."""
+    exact = a1111_label(name)
+    if exact is None:
+        ours_to_a1111 = {ours: label for label, ours in A1111_SAMPLER_NAMES.items()}
+        exact = split_schedule(ours_to_a1111.get(name, name))
+    label, schedule = exact
+    return label, SCHEDULE_TYPES[schedule].label if schedule else None
 
 
 @dataclass(frozen=True)
@@ -69,97 +82,95 @@ class GenerationParams:
     s_tmin: float = 0.0
     s_tmax: float = 0.0
     s_noise: float = 1.0
+    eta_ddim: float | None = None  # DDIM's eta; None: A1111's eta_ddim default, 0
+    # The schedule's range and rho (A1111's sigma_min / sigma_max / rho settings); None: the schedule's own.
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    rho: float | None = None
+    discard_penultimate: bool = False  # A1111's always_discard_next_to_last_sigma
+    downcast_alphas: bool = False  # alphas_cumprod in fp16, as A1111 before v1.7.0-225
+    old_prompt_editing: bool = False  # prompt-editing steps as A1111 before v1.6 counted them
+    noise_multiplier: float = 1.0  # img2img: A1111's initial_noise_multiplier
+    sgm_noise: bool = False  # txt2img noise scaled by sqrt(1 + sigma_max^2) (A1111's sgm_noise_multiplier)
 
     # Settings keys of an infotext that were read but cannot change what we make (written by A1111 for
     # other features), named once when an image is replayed.
     unhonoured: tuple[str, ...] = ()
 
     def to_text(self) -> str:
-        lines = [self.prompt]
-        if self.negative_prompt:
-            lines.append(f"Negative prompt: {self.negative_prompt}")
-        items: list[tuple[str, object]] = [("Steps", self.steps), ("Sampler", self.sampler)]
-        if self.a1111:
-            items.append(("Schedule type", self.schedule))
-        elif self.karras:
-            items.append(("Schedule type", "Karras"))
-        items += [
+        """The infotext, keys in A1111's order (sd.infotext); A1111 reads ours back to the same settings."""
+        a1111 = self.a1111
+        schedule = self.schedule if a1111 else ("Karras" if self.karras else None)
+        variation = a1111 and bool(self.subseed_strength)
+        resize = "{}x{}".format(*self.seed_resize_from) if a1111 and self.seed_resize_from else None
+        emphasised = any(c in self.prompt + self.negative_prompt for c in "([")
+        settings: list[tuple[str, object]] = [
+            ("Steps", self.steps),
+            ("Sampler", self.sampler),
+            ("Schedule type", schedule),
             ("CFG scale", f"{self.cfg_scale:g}"),
             ("Seed", self.seed),
             ("Size", f"{self.width}x{self.height}"),
+            ("Model hash", self.model_hash),
+            ("Model", self.model),
+            ("Variation seed", self.subseed if variation else None),
+            ("Variation seed strength", f"{self.subseed_strength:g}" if variation else None),
+            ("Seed resize from", resize),
+            ("Denoising strength", _number(self.strength)),
+            ("Clip skip", self.clip_skip if self.clip_skip != 1 else None),
+            ("ENSD", self.ensd if a1111 and self.ensd else None),
+            ("RNG", self.rng if a1111 and self.rng != "GPU" else None),
+            # then, as A1111's extra_generation_params, in the order it adds them
+            ("Batch size", self.batch_size if self.batch_size > 1 else None),
+            ("Batch pos", self.batch_pos if self.batch_size > 1 else None),
+            ("TI hashes", self.ti_hashes),
+            # A1111 names a non-default emphasis only where it can matter: a prompt with brackets.
+            ("Emphasis", self.emphasis if self.emphasis != "Original" and emphasised else None),
         ]
-        if self.model_hash:
-            items.append(("Model hash", self.model_hash))
-        if self.model:
-            items.append(("Model", self.model))
-        if self.a1111 and self.subseed_strength:
-            items += [
-                ("Variation seed", self.subseed),
-                ("Variation seed strength", f"{self.subseed_strength:g}"),
+        if a1111:
+            settings += [
+                ("Schedule min sigma", _number(self.sigma_min)),
+                ("Schedule max sigma", _number(self.sigma_max)),
+                ("Schedule rho", _number(self.rho)),
+                ("Discard penultimate sigma", "True" if self.discard_penultimate else None),
+                ("SGM noise multiplier", "True" if self.sgm_noise else None),
+                ("Eta DDIM", _number(self.eta_ddim) if self.eta_ddim else None),
+                ("Eta", _number(self.eta) if self.eta is not None and self.eta != 1 else None),
+                ("Sigma churn", _number(self.s_churn) if self.s_churn else None),
+                ("Sigma tmin", _number(self.s_tmin) if self.s_tmin else None),
+                ("Sigma tmax", _number(self.s_tmax) if self.s_tmax else None),
+                ("Sigma noise", _number(self.s_noise) if self.s_noise != 1 else None),
+                ("Noise multiplier", _number(self.noise_multiplier) if self.noise_multiplier != 1 else None),
+                ("Downcast alphas_cumprod", "True" if self.downcast_alphas else None),
+                ("Old prompt editing timelines", "True" if self.old_prompt_editing else None),
             ]
-        if self.a1111 and self.seed_resize_from:
-            items.append(("Seed resize from", "{}x{}".format(*self.seed_resize_from)))
-        if self.strength is not None:
-            items.append(("Denoising strength", f"{self.strength:g}"))
-        if self.clip_skip != 1:
-            items.append(("Clip skip", self.clip_skip))
-        if self.a1111 and self.ensd:
-            items.append(("ENSD", self.ensd))
-        if self.a1111 and self.rng != "GPU":
-            items.append(("RNG", self.rng))
-        if self.batch_size > 1:
-            items += [("Batch size", self.batch_size), ("Batch pos", self.batch_pos)]
-        if self.ti_hashes:
-            items.append(("TI hashes", self.ti_hashes))
-        # A1111 names a non-default emphasis only where it can matter: a prompt with brackets.
-        if self.emphasis != "Original" and any(c in self.prompt + self.negative_prompt for c in "(["):
-            items.append(("Emphasis", self.emphasis))
-        if self.a1111:
-            defaults = {
-                "Eta": None,
-                "Sigma churn": 0.0,
-                "Sigma tmin": 0.0,
-                "Sigma tmax": 0.0,
-                "Sigma noise": 1.0,
-            }
-            values = {"Eta": self.eta, "Sigma churn": self.s_churn, "Sigma tmin": self.s_tmin,
-                      "Sigma tmax": self.s_tmax, "Sigma noise": self.s_noise}  # fmt: skip
-            items += [(k, f"{v:g}") for k, v in values.items() if v != defaults[k] and v is not None]
-        if self.pad_conds:
-            items.append(("Pad conds", "True"))
-        if not self.a1111:
-            items.append(("Sampling", "diffusers"))  # our own way; A1111's needs no key
-        lines.append(", ".join(f"{key}: {_quote(str(value))}" for key, value in items))
-        return "\n".join(lines)
+        settings.append(("Pad conds", "True" if self.pad_conds else None))
+        if not a1111:
+            settings.append(("Sampling", "diffusers"))  # our own way; A1111's needs no key
+        return format_infotext(self.prompt, self.negative_prompt, settings)
 
     @classmethod
     def from_text(cls, text: str) -> GenerationParams:
-        """Parse the text form; ValueError (one line) when it is not generation parameters.
+        """Parse an infotext (A1111's, or ours); ValueError (one line) when it holds no settings.
 
         An A1111 sampler name (exactly as A1111 writes it: "DPM++ 2M", "Euler a", "DPM++ 2M Karras" before
-        v1.9) means A1111's way; our own names ("dpmpp_2m") or "Sampling: diffusers" mean diffusers'."""
-        lines = text.strip().split("\n")
-        settings_line = lines.pop() if lines and re.match(r"\s*Steps: ", lines[-1]) else None
-        if settings_line is None:
-            raise ValueError("not generation parameters: no 'Steps: ...' line")
-        negative_at = next((i for i, line in enumerate(lines) if line.startswith("Negative prompt:")), None)
-        if negative_at is None:
-            prompt, negative = "\n".join(lines), ""
-        else:
-            prompt = "\n".join(lines[:negative_at])
-            negative = "\n".join(lines[negative_at:]).removeprefix("Negative prompt:").strip()
-        settings = _parse_settings(settings_line)
+        v1.9) means A1111's way, with A1111's back-compatibility for the PNG's `Version`; our own names
+        ("dpmpp_2m") or "Sampling: diffusers" mean diffusers'."""
+        prompt, negative, settings = parse_infotext(text)
+        if not settings:
+            raise ValueError("not generation parameters: no 'Steps: 20, Sampler: ..., ...' settings line")
         params = cls(prompt=prompt, negative_prompt=negative)
         try:
             sampler = settings.get("Sampler", params.sampler)
             schedule = settings.get("Schedule type")
             a1111 = None if settings.get("Sampling") == "diffusers" else a1111_label(sampler)
             if a1111 is not None:
+                settings = backcompat(settings, prompt)
                 label, from_name = a1111
-                version = settings.get("Version")
+                version = parse_version(settings.get("Version"))
                 if from_name is not None:  # "DPM++ 2M Karras": before v1.9 the name carried the schedule
                     schedule = SCHEDULE_TYPES[from_name].label
-                elif schedule is None and (version is None or _version(version) < (1, 9)):
+                elif schedule is None and ("Version" not in settings or (version and version < (1, 9, 0, 0))):
                     schedule = "Uniform"  # before v1.9 a plain name meant the model's own schedule
                 extra = _a1111_settings(settings)
                 karras, sampler = False, label
@@ -169,7 +180,7 @@ class GenerationParams:
                     sampler, karras = sampler[: -len(" karras")], True
                 sampler = A1111_SAMPLER_NAMES.get(sampler.lower(), sampler)
                 extra = {}
-            width, height = (int(v) for v in settings.get("Size", "512x512").split("x"))
+            width, height = _size(settings.get("Size", "512x512"))
             strength = settings.get("Denoising strength")
             return replace(
                 params,
@@ -187,14 +198,14 @@ class GenerationParams:
                 batch_size=int(settings.get("Batch size", 1)),
                 batch_pos=int(settings.get("Batch pos", 0)),
                 emphasis=settings.get("Emphasis", "Original"),
-                pad_conds=settings.get("Pad conds", "False").lower() == "true",
+                pad_conds=_true(settings.get("Pad conds")),
                 ti_hashes=settings.get("TI hashes"),
                 a1111=a1111 is not None,
                 schedule=schedule or "Automatic",
                 unhonoured=tuple(k for k in settings if k not in _HONOURED and k not in _NO_EFFECT),
                 **extra,
             )
-        except ValueError as error:
+        except (ValueError, TypeError) as error:
             raise ValueError(f"bad generation parameters: {error}") from None
 
 
@@ -202,17 +213,45 @@ class GenerationParams:
 _HONOURED = frozenset({
     "Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength", "Clip skip",
     "Batch size", "Batch pos", "Emphasis", "Pad conds", "Sampling", "RNG", "ENSD", "Variation seed",
-    "Variation seed strength", "Seed resize from", "Eta", "Sigma churn", "Sigma tmin", "Sigma tmax",
-    "Sigma noise",
+    "Variation seed strength", "Seed resize from", "Eta", "Eta DDIM", "Sigma churn", "Sigma tmin",
+    "Sigma tmax", "Sigma noise", "Schedule min sigma", "Schedule max sigma", "Schedule rho",
+    "Discard penultimate sigma", "Downcast alphas_cumprod", "Old prompt editing timelines",
+    "Noise multiplier", "SGM noise multiplier",
 })  # fmt: skip
 # (Lora hashes name the files; the prompt's <lora:...> tags are what applies them.)
-_NO_EFFECT = frozenset({"Model hash", "Model", "Version", "TI hashes", "Lora hashes", "User", "VAE hash"})
+_NO_EFFECT = frozenset(
+    {"Model hash", "Model", "Version", "TI hashes", "Lora hashes", "User", "VAE hash", "Init image hash"}
+)
+_NUMBERS = {
+    "Eta": "eta", "Eta DDIM": "eta_ddim", "Sigma churn": "s_churn", "Sigma tmin": "s_tmin",
+    "Sigma tmax": "s_tmax", "Sigma noise": "s_noise", "Noise multiplier": "noise_multiplier",
+}  # fmt: skip
+# 0 means "the schedule's own" in A1111's settings
+_SCHEDULE_RANGE = {
+    "Schedule min sigma": "sigma_min",
+    "Schedule max sigma": "sigma_max",
+    "Schedule rho": "rho",
+}
+_FLAGS = {
+    "Discard penultimate sigma": "discard_penultimate", "Downcast alphas_cumprod": "downcast_alphas",
+    "Old prompt editing timelines": "old_prompt_editing", "SGM noise multiplier": "sgm_noise",
+}  # fmt: skip
 
 
-def _version(text: str) -> tuple[int, ...]:
-    """(1, 10, 1) from "v1.10.1" or "v1.10.1-3-gabc1234"; (0,) when unreadable."""
-    match = re.match(r"v?(\d+(?:\.\d+)*)", text.strip())
-    return tuple(int(p) for p in match.group(1).split(".")) if match else (0,)
+def _true(value: str | None) -> bool:
+    return (value or "False").strip().lower() == "true"
+
+
+def _number(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}"
+
+
+def _size(text: str) -> tuple[int, int]:
+    """(width, height) from "512x768"."""
+    match = re.fullmatch(r"\s*(-?\d+)x(-?\d+)\s*", text)
+    if match is None:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _a1111_settings(settings: dict[str, str]) -> dict:
@@ -221,26 +260,11 @@ def _a1111_settings(settings: dict[str, str]) -> dict:
         out["subseed"] = int(settings["Variation seed"])
         out["subseed_strength"] = float(settings.get("Variation seed strength", 0))
     if "Seed resize from" in settings:
-        width, height = (int(v) for v in settings["Seed resize from"].split("x"))
+        width, height = _size(settings["Seed resize from"])
         out["seed_resize_from"] = (width, height) if width > 0 and height > 0 else None
-    for key, field_name in (("Eta", "eta"), ("Sigma churn", "s_churn"), ("Sigma tmin", "s_tmin"),
-                            ("Sigma tmax", "s_tmax"), ("Sigma noise", "s_noise")):  # fmt: skip
-        if key in settings:
-            out[field_name] = float(settings[key])
+    out.update({name: float(settings[key]) for key, name in _NUMBERS.items() if key in settings})
+    out.update(
+        {name: float(settings[key]) for key, name in _SCHEDULE_RANGE.items() if float(settings.get(key, 0))}
+    )
+    out.update({name: _true(settings.get(key)) for key, name in _FLAGS.items()})
     return out
-
-
-def _quote(value: str) -> str:
-    return '"' + value.replace('"', '\\"') + '"' if ("," in value or ":" in value) else value
-
-
-def _parse_settings(line: str) -> dict[str, str]:
-    """'Key: value, Key: "quoted, value", ...' -> dict."""
-    pattern = re.compile(r'\s*([\w .+-]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-    settings = {}
-    for match in pattern.finditer(line):
-        key, value = match.group(1).strip(), match.group(2).strip()
-        if value.startswith('"') and value.endswith('"'):
-            value = value[1:-1].replace('\\"', '"')
-        settings[key] = value
-    return settings

@@ -122,6 +122,7 @@ class Pipeline:
         self.model_name = model_name
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
+        self.lora_dir: Path | None = None  # where <lora:name:w> tags are looked up
         self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
         if not isinstance(embeddings, Embeddings):
             embeddings = self.load_embeddings(embeddings)
@@ -200,9 +201,13 @@ class Pipeline:
         applied: a warning says so)."""
         prompt, tags = extract_networks(params.prompt)
         for tag in tags:
-            log.warning("%s: %s networks are not supported yet; the tag is ignored", tag.text, tag.kind)
+            where = f" (from {self.lora_dir})" if tag.kind == "lora" and self.lora_dir else ""
+            log.warning(
+                "%s: %s networks are not supported yet%s; the tag is ignored", tag.text, tag.kind, where
+            )
         encoder = self.prompt_encoder(params.clip_skip, params.emphasis)
-        conditioning = condition(encoder, prompt, params.negative_prompt, total_steps, params.pad_conds)
+        conditioning = condition(encoder, prompt, params.negative_prompt, total_steps, params.pad_conds,
+                                 old_scheduling=params.old_prompt_editing)  # fmt: skip
         self._release("clip")
         return conditioning
 
@@ -298,11 +303,22 @@ class Pipeline:
         run = self._sample_a1111 if params.a1111 else self._sample_diffusers
         latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image)
         pixels = self.decode(latents, truncate=params.a1111)
-        params = replace(params, batch_size=num_images, ti_hashes=ti_hashes(conditioning.embeddings),
-                         pad_conds=guidance.padded, unhonoured=(), **resolved)  # fmt: skip
+        params = replace(params, ti_hashes=ti_hashes(conditioning.embeddings), pad_conds=guidance.padded,
+                         unhonoured=(), **resolved)  # fmt: skip
         return [
-            self._with_params(Image.fromarray(p), replace(params, batch_pos=i)) for i, p in enumerate(pixels)
+            self._with_params(Image.fromarray(p), self._image_params(params, i, num_images))
+            for i, p in enumerate(pixels)
         ]
+
+    @staticmethod
+    def _image_params(params: GenerationParams, index: int, count: int) -> GenerationParams:
+        """The parameters image `index` of a batch of `count` is replayed from, alone."""
+        if not params.a1111:  # diffusers' way: one generator for the batch, so the batch and a position
+            return replace(params, batch_size=count, batch_pos=index)
+        # A1111's way: each image is its own seed (or, with a variation, its own subseed), as A1111 writes
+        if params.subseed_strength:
+            return replace(params, subseed=(params.subseed or 0) + index)
+        return replace(params, seed=params.seed + index)
 
     def _sample_diffusers(self, params, shape, eta, callback, image):
         """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order."""
@@ -327,10 +343,11 @@ class Pipeline:
 
     def _sample_a1111(self, params, shape, eta, callback, image):
         """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image."""
-        model_sigmas = ModelSigmas(ldm_alphas_cumprod(self.config.schedule))
+        model_sigmas = ModelSigmas(ldm_alphas_cumprod(self.config.schedule, downcast=params.downcast_alphas))
         sampler = A1111Sampler(
             params.sampler, params.steps, model_sigmas, params.schedule, params.eta,
             params.s_churn, params.s_tmin, params.s_tmax, params.s_noise,
+            params.sigma_min, params.sigma_max, params.rho, params.discard_penultimate,
         )  # fmt: skip
         conditioning = self.condition(params, sampler.total_steps)
         guidance = Guidance(conditioning, params.cfg_scale, a1111=True)
@@ -343,13 +360,13 @@ class Pipeline:
         x = noise.next().to(self.device)
         start = 0
         if image is None:
-            x = x * sampler.sigmas[0]
+            x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
         else:
             # A1111 samples the VAE posterior from an RNG the seed does not control: the mean is the
             # reproducible part of it.
             start = sampler.img2img_start(params.strength)
             clean = self.encode_image(image, None).float().expand(shape[0], -1, -1, -1)
-            x = clean + x * sampler.sigmas[start]
+            x = clean + x * params.noise_multiplier * sampler.sigmas[start]
 
         unet = self._use("diffusion")
         dtype = dtype_of(unet)

@@ -31,11 +31,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from .conditioning import check_emphasis
+from .config import SD15
 from .images import image_from_bytes, save_png
-from .params import A1111_SAMPLER_NAMES, GenerationParams
+from .noise import check_source
+from .params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
 from .pipeline import Pipeline, check_settings, check_size, new_seed
 from .prompts import check_prompt
 from .samplers import ALIASES, SAMPLERS, get_sampler
+from .samplers.a1111 import ALIASES as A1111_ALIASES
+from .samplers.a1111 import SAMPLERS as A1111_SAMPLERS
+from .samplers.a1111 import A1111Sampler
+from .samplers.sigmas import SCHEDULE_TYPES, ModelSigmas, ldm_alphas_cumprod, schedule_type
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only: anyone who can reach the port can use the model
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -51,22 +57,56 @@ TXT2IMG_DEFAULTS: dict[str, Any] = {
     "seed": -1,
     "steps": 20,
     "cfg_scale": 7.0,
-    "sampler_name": "dpmpp_2m",
-    "scheduler": "automatic",
+    "sampler_name": "DPM++ 2M",
+    "scheduler": "Automatic",
     "width": None,  # the model's own size (SD1.5: 512); img2img: the input's, rounded down to a multiple of 8
     "height": None,
     "batch_size": 1,
     "n_iter": 1,
     "clip_skip": 1,
-    "eta": 0.0,
+    "eta": None,  # None: the sampler's own (A1111: 1 for ancestral and SDE samplers; diffusers' DDIM: 0)
+    # A1111's variation seed and seed resize, and Karras' churn settings (A1111's way only)
+    "subseed": -1,
+    "subseed_strength": 0.0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "s_churn": None,
+    "s_tmin": None,
+    "s_tmax": None,
+    "s_noise": None,
+    "way": None,  # ours: "a1111" or "diffusers" (default: the server's, `sd serve --way`)
 }
 IMG2IMG_DEFAULTS: dict[str, Any] = {
     **TXT2IMG_DEFAULTS,
     "init_images": None,
     "denoising_strength": 0.75,
 }
-SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # A1111 name -> karras
+SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # diffusers' way: A1111 name -> karras
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
+# override_settings we honour (A1111's option names), beyond clip skip: -> (type, GenerationParams field)
+OPTIONS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "emphasis": (str, "emphasis"),
+    "pad_cond_uncond": (bool, "pad_conds"),
+    "eta_noise_seed_delta": (int, "ensd"),
+    "randn_source": (str, "rng"),
+    "eta_ancestral": ((int, float), "eta"),
+    "eta_ddim": ((int, float), "eta_ddim"),
+    "s_churn": ((int, float), "s_churn"),
+    "s_tmin": ((int, float), "s_tmin"),
+    "s_tmax": ((int, float), "s_tmax"),
+    "s_noise": ((int, float), "s_noise"),
+    "sigma_min": ((int, float), "sigma_min"),
+    "sigma_max": ((int, float), "sigma_max"),
+    "rho": ((int, float), "rho"),
+    "always_discard_next_to_last_sigma": (bool, "discard_penultimate"),
+    "use_downcasted_alpha_bar": (bool, "downcast_alphas"),
+    "use_old_scheduling": (bool, "old_prompt_editing"),
+    "initial_noise_multiplier": ((int, float), "noise_multiplier"),
+    "sgm_noise_multiplier": (bool, "sgm_noise"),
+}
+# options that describe the server rather than the image: accepted, nothing to do
+HARMLESS_OPTIONS = frozenset({"sd_model_checkpoint", "sd_vae", "samples_format", "save_images"})
+WAYS = ("a1111", "diffusers")
 
 
 class BadRequestError(ValueError):
@@ -147,38 +187,88 @@ class Request:
     ignored: tuple[str, ...] = ()
 
 
-def parse_request(body: dict[str, Any], img2img: bool) -> Request:
-    """Check every field before any work: a BadRequestError names the first problem."""
+def _a1111_fields(body: dict[str, Any], get, overrides: dict[str, Any]) -> dict[str, Any]:
+    """GenerationParams fields of A1111's way: its sampler and schedule names, variation seed, seed resize,
+    eta and churn (request fields win over override_settings, as in A1111)."""
+    sampler_name = body.get("sampler_name") or body.get("sampler_index") or TXT2IMG_DEFAULTS["sampler_name"]
+    if not isinstance(sampler_name, str):
+        raise BadRequestError(f"sampler_name must be str, got {json.dumps(sampler_name)}")
+    try:
+        label, named_schedule = a1111_sampler(sampler_name)
+        scheduler = get("scheduler", str) or "Automatic"
+        if scheduler.lower() != "automatic":
+            scheduler = SCHEDULE_TYPES[schedule_type(scheduler)].label
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
+    fields: dict[str, Any] = {"a1111": True, "sampler": label, "schedule": named_schedule or scheduler}
+    for option, (kind, name) in OPTIONS.items():
+        if option in overrides:
+            value = _typed(overrides, option, kind, None)
+            fields[name] = float(value) if kind == (int, float) else value
+    if "rng" in fields:
+        fields["rng"] = fields["rng"].upper()
+    for name in ("sigma_min", "sigma_max", "rho"):  # A1111: 0 means the schedule's own
+        if not fields.get(name, 1):
+            fields[name] = None
+    for name in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise"):
+        value = get(name, (int, float))
+        if value is not None:
+            fields[name] = float(value)
+    strength = float(get("subseed_strength", (int, float)))
+    if strength:
+        subseed = get("subseed", int)
+        fields.update(subseed=new_seed() if subseed < 0 else subseed, subseed_strength=strength)
+    resize = (get("seed_resize_from_w", int), get("seed_resize_from_h", int))
+    if resize[0] > 0 and resize[1] > 0:
+        fields["seed_resize_from"] = resize
+    return fields
+
+
+def parse_request(body: dict[str, Any], img2img: bool, way: str = "a1111") -> Request:
+    """Check every field before any work: a BadRequestError names the first problem. `way`: the server's
+    default, which a request's own "way" overrides."""
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object")
     defaults = IMG2IMG_DEFAULTS if img2img else TXT2IMG_DEFAULTS
     get = lambda name, kind: _typed(body, name, kind, defaults[name])  # noqa: E731
-    sampler_name = body.get("sampler_name") or body.get("sampler_index") or defaults["sampler_name"]
-    if not isinstance(sampler_name, str):
-        raise BadRequestError(f"sampler_name must be str, got {json.dumps(sampler_name)}")
-    sampler, karras = sampler_of(sampler_name, get("scheduler", str) or "automatic")
+    way = get("way", str) or way
+    if way not in WAYS:
+        raise BadRequestError(f"way must be one of {', '.join(WAYS)}, got {way!r}")
+    overrides = _overrides(body)
     seed = get("seed", int)
     params = GenerationParams(
         prompt=get("prompt", str),
         negative_prompt=get("negative_prompt", str),
         steps=get("steps", int),
-        sampler=sampler,
-        karras=karras,
         cfg_scale=float(get("cfg_scale", (int, float))),
         seed=new_seed() if seed < 0 else seed,
         width=get("width", int),
         height=get("height", int),
         strength=float(get("denoising_strength", (int, float))) if img2img else None,
-        clip_skip=_typed(_overrides(body), CLIP_SKIP_OPTION, int, get("clip_skip", int)),
-        emphasis=_typed(_overrides(body), "emphasis", str, "Original"),
-        pad_conds=_typed(_overrides(body), "pad_cond_uncond", bool, False),
+        clip_skip=_typed(overrides, CLIP_SKIP_OPTION, int, get("clip_skip", int)),
+        emphasis=_typed(overrides, "emphasis", str, "Original"),
+        pad_conds=_typed(overrides, "pad_cond_uncond", bool, False),
     )
+    if way == "a1111":
+        params = replace(params, **_a1111_fields(body, get, overrides))
+        eta = 0.0
+    else:
+        sampler_name = body.get("sampler_name") or body.get("sampler_index") or "dpmpp_2m"
+        if not isinstance(sampler_name, str):
+            raise BadRequestError(f"sampler_name must be str, got {json.dumps(sampler_name)}")
+        sampler, karras = sampler_of(sampler_name, get("scheduler", str) or "automatic")
+        params = replace(params, sampler=sampler, karras=karras)
+        eta = float(get("eta", (int, float)) or 0.0)
+    known_options = set(OPTIONS) | HARMLESS_OPTIONS | {CLIP_SKIP_OPTION}
+    unread = set(body) - set(defaults) - {"sampler_index", "override_settings"}
+    if way == "diffusers":  # A1111's own fields do nothing there
+        unread |= {name for name in body if name.startswith(("subseed", "seed_resize", "s_"))}
     request = Request(
         params,
         batch_size=get("batch_size", int),
         n_iter=get("n_iter", int),
-        eta=float(get("eta", (int, float))),
-        ignored=tuple(sorted(set(body) - set(defaults) - {"sampler_index", "override_settings"})),
+        eta=eta,
+        ignored=tuple(sorted(unread | {f"override_settings.{k}" for k in set(overrides) - known_options})),
     )
     if params.seed >= 2**32:
         raise BadRequestError(f"seed must be below 2**32, got {params.seed}")
@@ -197,12 +287,23 @@ def parse_request(body: dict[str, Any], img2img: bool) -> Request:
         check_emphasis(params.emphasis)
         check_prompt(params.prompt, params.steps)
         check_prompt(params.negative_prompt, params.steps)
-        get_sampler(params.sampler, params.steps, karras=params.karras, eta=request.eta)
+        calls(params, SD15.schedule)
+        if params.a1111:
+            check_source(params.rng)
     except ValueError as error:
         raise BadRequestError(str(error)) from None
     if img2img:  # decoding last: cheap checks first
         request = replace(request, image=decode_init_image(images[0]))
     return request
+
+
+def calls(params: GenerationParams, schedule) -> int:
+    """U-Net calls of one batch (for progress); ValueError for settings the sampler refuses."""
+    if params.a1111:
+        sampler = A1111Sampler(params.sampler, params.steps, ModelSigmas(ldm_alphas_cumprod(schedule)),
+                               params.schedule)  # fmt: skip
+        return sampler.calls(sampler.img2img_start(params.strength) if params.strength else 0)
+    return get_sampler(params.sampler, params.steps, schedule, params.karras).calls(params.strength)
 
 
 # --- running them ------------------------------------------------------------------------------------------
@@ -211,16 +312,15 @@ def parse_request(body: dict[str, Any], img2img: bool) -> Request:
 class Service:
     """The model and the one job it runs at a time."""
 
-    def __init__(self, pipe: Pipeline):
+    def __init__(self, pipe: Pipeline, way: str = "a1111"):
         self.pipe = pipe
+        self.way = way  # a request's default: A1111's way, or diffusers'
         self.lock = threading.Lock()
         self.job = Job()
 
     def generate(self, request: Request) -> dict[str, Any]:
         with self.lock:
-            params = request.params
-            sampler = get_sampler(params.sampler, params.steps, self.pipe.config.schedule, params.karras)
-            total = sampler.calls(params.strength) * request.n_iter
+            total = calls(request.params, self.pipe.config.schedule) * request.n_iter
             self.job = Job(running=True, total=total, started=time.monotonic())
             try:
                 return self._run(request)
@@ -243,14 +343,16 @@ class Service:
         images, seeds = [], []
         try:
             for iteration in range(request.n_iter):
-                # A1111 numbers the seeds of a request's batches: seed, seed + 1, ...
-                params = replace(request.params, seed=(request.params.seed + iteration) % 2**32)
+                params = _batch_params(request, iteration)
                 batch = self.pipe.run(params, request.image, request.batch_size, request.eta, progress)
                 images += batch
-                seeds += [params.seed] * len(batch)
+                seeds += [GenerationParams.from_text(image.info["parameters"]).seed for image in batch]
         finally:
             logger.removeHandler(warnings)
         params = request.params
+        sampler_name = (
+            params.sampler if params.a1111 else params.sampler + (" karras" if params.karras else "")
+        )
         info = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
@@ -258,7 +360,7 @@ class Service:
             "all_seeds": seeds,
             "steps": params.steps,
             "cfg_scale": params.cfg_scale,
-            "sampler_name": params.sampler + (" karras" if params.karras else ""),
+            "sampler_name": sampler_name,
             "width": images[0].width,
             "height": images[0].height,
             "denoising_strength": params.strength,
@@ -301,14 +403,35 @@ class Service:
         return {}
 
     def samplers(self) -> list[dict[str, Any]]:
-        return [
+        """A1111's sampler set (its names, aliases and options), then ours (diffusers' way)."""
+        a1111 = [
+            {
+                "name": label,
+                "aliases": [alias for alias, target in A1111_ALIASES.items() if target == label],
+                "options": {"scheduler": spec.schedule} if spec.schedule else {},
+            }
+            for label, spec in A1111_SAMPLERS.items()
+        ]
+        ours = [
             {
                 "name": name,
                 "aliases": [alias for alias, target in ALIASES.items() if target == name],
-                "options": {"description": description},
+                "options": {"description": description, "way": "diffusers"},
             }
             for name, description in SAMPLERS.items()
         ]
+        return a1111 + ours
+
+    def schedulers(self) -> list[dict[str, Any]]:
+        """A1111's schedule types, as its /sdapi/v1/schedulers lists them."""
+        kinds = [("automatic", "Automatic", None)] + [
+            (k, t.label, t.default_rho) for k, t in SCHEDULE_TYPES.items()
+        ]
+        return [
+            {"name": key, "label": label, "aliases": None, "default_rho": -1 if rho is None else rho,
+             "need_inner_model": False}
+            for key, label, rho in kinds
+        ]  # fmt: skip
 
     def _title(self) -> str:
         name = self.pipe.model_name or "model"
@@ -321,6 +444,18 @@ class Service:
     def options(self) -> dict[str, Any]:
         """The few A1111 options clients read: the loaded model, and clip skip's default."""
         return {"sd_model_checkpoint": self._title(), CLIP_SKIP_OPTION: 1}
+
+
+def _batch_params(request: Request, iteration: int) -> GenerationParams:
+    """The parameters of batch `iteration` of a request."""
+    params = request.params
+    if not params.a1111:  # a seed per batch: seed, seed + 1, ... (one generator per batch)
+        return replace(params, seed=(params.seed + iteration) % 2**32)
+    # A1111 numbers every image: seed + i over all batches (with a variation: the subseeds)
+    offset = iteration * request.batch_size
+    if params.subseed_strength:
+        return replace(params, subseed=((params.subseed or 0) + offset) % 2**32)
+    return replace(params, seed=(params.seed + offset) % 2**32)
 
 
 class _WarningCollector(logging.Handler):
@@ -353,6 +488,7 @@ class Handler(BaseHTTPRequestHandler):
             "/": self._index,
             "/sdapi/v1/progress": self.service.progress,
             "/sdapi/v1/samplers": self.service.samplers,
+            "/sdapi/v1/schedulers": self.service.schedulers,
             "/sdapi/v1/sd-models": self.service.models,
             "/sdapi/v1/options": self.service.options,
         }
@@ -360,8 +496,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         routes = {
-            "/sdapi/v1/txt2img": lambda: self.service.generate(parse_request(self._json(), img2img=False)),
-            "/sdapi/v1/img2img": lambda: self.service.generate(parse_request(self._json(), img2img=True)),
+            "/sdapi/v1/txt2img": lambda: self.service.generate(
+                parse_request(self._json(), img2img=False, way=self.service.way)
+            ),
+            "/sdapi/v1/img2img": lambda: self.service.generate(
+                parse_request(self._json(), img2img=True, way=self.service.way)
+            ),
             "/sdapi/v1/interrupt": self.service.interrupt,
         }
         self._dispatch(routes, "POST")
@@ -370,8 +510,8 @@ class Handler(BaseHTTPRequestHandler):
         return {
             "name": "sd",
             "model": self.service.pipe.model_name,
-            "routes": ["GET /sdapi/v1/progress", "GET /sdapi/v1/samplers", "GET /sdapi/v1/sd-models",
-                       "GET /sdapi/v1/options",
+            "routes": ["GET /sdapi/v1/progress", "GET /sdapi/v1/samplers", "GET /sdapi/v1/schedulers",
+                       "GET /sdapi/v1/sd-models", "GET /sdapi/v1/options",
                        "POST /sdapi/v1/txt2img", "POST /sdapi/v1/img2img", "POST /sdapi/v1/interrupt"],
         }  # fmt: skip
 

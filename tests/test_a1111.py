@@ -17,7 +17,6 @@ import torch
 from sd.noise import ImageNoise, _torchsde_draws_from
 from sd.params import GenerationParams
 from sd.pipeline import Pipeline
-from sd.samplers.sigmas import ldm_alphas_cumprod
 
 import kdiffusion_reference
 from conftest import World
@@ -40,12 +39,13 @@ SAMPLERS = {
 SD15_SAMPLERS = ("DPM++ 2M", "Euler a")
 
 
-def reference_sigmas(k, denoiser, schedule: str | None, steps: int, discard: bool) -> torch.Tensor:
+def reference_sigmas(k, denoiser, schedule: str | None, steps: int, discard: bool, **range_) -> torch.Tensor:
     n = steps + 1 if discard else steps
-    low, high = denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()
+    low = range_.get("sigma_min", denoiser.sigmas[0].item())
+    high = range_.get("sigma_max", denoiser.sigmas[-1].item())
     sigmas = {
         None: lambda: denoiser.get_sigmas(n),
-        "karras": lambda: k.get_sigmas_karras(n, low, high),
+        "karras": lambda: k.get_sigmas_karras(n, low, high, rho=range_.get("rho", 7.0)),
         "exponential": lambda: k.get_sigmas_exponential(n, low, high),
     }[schedule]()
     return torch.cat([sigmas[:-2], sigmas[-1:]]) if discard else sigmas
@@ -53,12 +53,18 @@ def reference_sigmas(k, denoiser, schedule: str | None, steps: int, discard: boo
 
 @torch.no_grad()
 def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: float, monkeypatch, clean=None,
-                  strength: float = 1.0):  # fmt: skip
+                  strength: float = 1.0, **settings):  # fmt: skip
+    """A1111's run; `settings`: GenerationParams' A1111 settings (schedule range, forced discard, fp16
+    alphas, SGM noise, img2img noise multiplier), applied as A1111 applies them."""
     k, external = kdiffusion_reference.load()
     name, schedule, discard, brownian, kwargs = SAMPLERS[label]
+    discard = discard or settings.get("discard_penultimate", False)
 
     class LDM(torch.nn.Module):  # what CompVisDenoiser wraps: alphas_cumprod and apply_model
-        alphas_cumprod = ldm_alphas_cumprod(world.config.schedule)
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()
+        if settings.get("downcast_alphas"):  # A1111's use_downcasted_alpha_bar: the tensor in fp16
+            alphas_cumprod = alphas_cumprod.half()
 
         def apply_model(self, x, t, cond):
             return world.unet(x, t, encoder_hidden_states=cond).sample
@@ -76,16 +82,18 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
         denoised_uncond = out[batch:]
         return denoised_uncond + (out[:batch] - denoised_uncond) * cfg
 
-    sigmas = reference_sigmas(k, denoiser, schedule, steps, discard)
+    range_ = {key: settings[key] for key in ("sigma_min", "sigma_max", "rho") if key in settings}
+    sigmas = reference_sigmas(k, denoiser, schedule, steps, discard, **range_)
     noise = ImageNoise((4, SIZE // 8, SIZE // 8), seeds)
     monkeypatch.setattr(k, "torch", kdiffusion_reference.RandnFromStreams(noise))
     first = noise.next()
     if clean is None:
-        x, run_sigmas = first * sigmas[0], sigmas
+        scale = torch.sqrt(1.0 + sigmas[0] ** 2.0) if settings.get("sgm_noise") else sigmas[0]
+        x, run_sigmas = first * scale, sigmas
     else:
         t_enc = int(min(strength, 0.999) * steps)
         run_sigmas = sigmas[steps - t_enc - 1 :]
-        x = clean + first * run_sigmas[0]
+        x = clean + first * settings.get("noise_multiplier", 1.0) * run_sigmas[0]
     extra = {}
     with _torchsde_draws_from("GPU"):
         if brownian:
@@ -99,10 +107,11 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
 
 
 def run_ours(
-    world: World, label: str, steps: int, seed: int, batch: int, cfg: float, image=None, strength=None
-):
+    world: World, label: str, steps: int, seed: int, batch: int, cfg: float, image=None, strength=None,
+    **settings,
+):  # fmt: skip
     params = GenerationParams(PROMPT, NEGATIVE, steps=steps, sampler=label, cfg_scale=cfg, seed=seed,
-                              width=SIZE, height=SIZE, a1111=True, strength=strength)  # fmt: skip
+                              width=SIZE, height=SIZE, a1111=True, strength=strength, **settings)  # fmt: skip
     seen = []
     images = Pipeline(world.ours).run(params, image, num_images=batch, callback=seen.append)
     return seen[-1].latents, np.stack([np.asarray(i) for i in images]), images, len(seen)
@@ -142,6 +151,35 @@ def test_a1111_img2img_slices_the_schedule_as_a1111(world: World, monkeypatch) -
         reference = reference_run(world, label, 10, [5], 7.0, monkeypatch, clean=clean, strength=0.6)
         assert_same((latents, pixels), reference, f"img2img {label}")
         assert calls == 7  # t_enc = int(0.6 * 10) = 6: sigmas[3:], 7 steps
+    latents, pixels, _, _ = run_ours(
+        world, "Euler", 10, 5, 1, 7.0, picture, strength=0.6, noise_multiplier=0.8
+    )
+    reference = reference_run(world, "Euler", 10, [5], 7.0, monkeypatch, clean=clean, strength=0.6,
+                              noise_multiplier=0.8)  # fmt: skip
+    assert_same((latents, pixels), reference, "img2img noise multiplier")
+
+
+SETTINGS = {
+    "schedule range": ("DPM++ 2M", {"sigma_min": 0.1, "sigma_max": 10.0, "rho": 5.0}),
+    "forced discard": ("Euler", {"discard_penultimate": True}),
+    "fp16 alphas": ("DPM++ 2M", {"downcast_alphas": True}),
+    "fp16 alphas, model's schedule": ("Euler a", {"downcast_alphas": True}),
+    "SGM noise": ("Euler a", {"sgm_noise": True}),
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_a1111_settings_apply_as_in_a1111(world: World, case: str, monkeypatch) -> None:
+    if world.name != "tiny":
+        pytest.skip("the settings act the same at any size")
+    label, settings = SETTINGS[case]
+    latents, pixels, images, _ = run_ours(world, label, 4, 77, 1, 7.0, **settings)
+    reference = reference_run(world, label, 4, [77], 7.0, monkeypatch, **settings)
+    assert_same((latents, pixels), reference, case)
+    plain = reference_run(world, label, 4, [77], 7.0, monkeypatch)
+    assert (latents - plain[0]).abs().max() > 1e-3, "the setting changed nothing"
+    again = GenerationParams.from_text(images[0].info["parameters"])  # the PNG says so, and replays it
+    assert {key: getattr(again, key) for key in settings} == settings
 
 
 def test_each_image_of_a_batch_is_its_own_seed(world: World) -> None:

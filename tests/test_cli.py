@@ -72,20 +72,33 @@ def test_generate_writes_png_with_parameters(ckpt, capsys, tmp_path) -> None:
     assert len(paths) == 2 and all(p.endswith(".png") for p in paths)
     assert "sampling" in err  # a progress bar
     params = GenerationParams.from_text(read_png_parameters(paths[1]))
+    # A1111's way by default: our sampler names are read as A1111's, and each image is its own seed
     assert (params.prompt, params.negative_prompt, params.seed, params.steps) == (
         "a red fox",
         "blurry, dark",
-        42,
+        43,
         3,
     )
-    assert (params.sampler, params.karras, params.width, params.height) == ("euler", True, 64, 64)
-    assert (params.batch_size, params.batch_pos) == (2, 1)
+    assert params.a1111 and (params.sampler, params.schedule, params.width, params.height) == (
+        "Euler",
+        "Karras",
+        64,
+        64,
+    )
     assert params.model_hash and len(params.model_hash) == 10
     assert not np.array_equal(pixels(paths[0]), pixels(paths[1]))
+    flags = ["--seed", "42", "--sampler", "euler", "--karras", "-n", "2", "--way", "diffusers", "-o", "d.png"]
+    code, out, err = run(capsys, "generate", "a red fox", "--ckpt", ckpt, *flags, *FAST)
+    assert code == 0, err
+    params = GenerationParams.from_text(read_png_parameters(out.split()[1]))
+    assert not params.a1111 and (params.sampler, params.karras, params.seed) == ("euler", True, 42)
+    assert (params.batch_size, params.batch_pos) == (2, 1)
 
 
-def test_from_png_reproduces_each_image_of_a_batch(ckpt, capsys) -> None:
-    code, out, _ = run(capsys, "generate", "a blue square", "--ckpt", ckpt, "--seed", "7", "-n", "2", *FAST)
+@pytest.mark.parametrize("way", ["a1111", "diffusers"])
+def test_from_png_reproduces_each_image_of_a_batch(ckpt, capsys, way) -> None:
+    code, out, _ = run(capsys, "generate", "a blue square", "--ckpt", ckpt, "--seed", "7", "-n", "2",
+                       "--way", way, *FAST)  # fmt: skip
     first, second = out.split()
     for original in (first, second):
         code, out, err = run(capsys, "generate", "--from-png", original, "--ckpt", ckpt, "-o", "again.png")
@@ -146,7 +159,8 @@ def test_long_prompt_is_used_whole(ckpt, capsys) -> None:
     prompt = "a very long prompt about cats " * 20  # 120 tokens: two chunks, nothing dropped
     code, out, err = run(capsys, "generate", prompt, "--ckpt", ckpt, *FAST)
     assert code == 0 and "warning" not in err, err
-    assert GenerationParams.from_text(read_png_parameters(out.strip())).prompt == prompt
+    # (the trailing space goes, as in A1111's reading; CLIP never sees it)
+    assert GenerationParams.from_text(read_png_parameters(out.strip())).prompt == prompt.strip()
 
 
 WORDS = """stars moon clouds river forest mountain lake snow rain wind fire smoke light shadow glass stone
@@ -216,7 +230,12 @@ BAD = {
     "steps 0": (["x", "--steps", "0"], "steps must be at least 1"),
     "unreadable image": (["x", "--init-image", "notes.txt"], "cannot read image"),
     "missing image": (["x", "--init-image", "none.png"], "image not found"),
-    "karras where none": (["x", "--sampler", "euler_a", "--karras"], "no Karras schedule"),
+    "karras where none": (
+        ["x", "--sampler", "euler_a", "--karras", "--way", "diffusers"],
+        "no Karras schedule",
+    ),
+    "unknown schedule type": (["x", "--scheduler", "fast"], "unknown schedule type 'fast'"),
+    "missing LoRA folder": (["x", "--lora-dir", "nowhere"], "LoRA folder not found"),
     "no prompt": ([], "give a prompt"),
     "png without parameters": (["--from-png", "in.png"], "no generation parameters"),
     "bad emphasis weight": (["a (cat:1.2.3)"], "'1.2.3' in ':1.2.3)' is not a number"),
@@ -321,14 +340,22 @@ def test_a1111_way_from_the_command_line_and_back_from_its_png(ckpt, capsys, tmp
     assert code == 0, err
     first, again = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png"))
     assert np.array_equal(first, again)
-    # our names in A1111's way, and the default way's PNG says which way it was
-    code, _, err = run(capsys, "generate", "a fox", "--way", "a1111", "--sampler", "euler_a", "-o",
-                         str(tmp_path / "c.png"), *flags)  # fmt: skip
+    # our names in A1111's way (the default, with A1111's defaults: DPM++ 2M, Karras, CFG 7), and a
+    # diffusers-way PNG says which way it was
+    code, _, err = run(capsys, "generate", "a fox", "--sampler", "euler_a", "-o", str(tmp_path / "c.png"),
+                       *flags)  # fmt: skip
     assert code == 0 and "Sampler: Euler a, Schedule type: Automatic" in read_png_parameters(
         tmp_path / "c.png"
     )
-    code, _, err = run(capsys, "generate", "a fox", "-o", str(tmp_path / "d.png"), *flags)
-    assert "Sampling: diffusers" in read_png_parameters(tmp_path / "d.png")
+    code, _, err = run(capsys, "generate", "a fox", "-o", str(tmp_path / "e.png"), *flags)
+    assert "Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7," in read_png_parameters(
+        tmp_path / "e.png"
+    )
+    code, _, err = run(
+        capsys, "generate", "a fox", "--way", "diffusers", "-o", str(tmp_path / "d.png"), *flags
+    )
+    text = read_png_parameters(tmp_path / "d.png")
+    assert "Sampler: dpmpp_2m, CFG scale: 7.5," in text and "Sampling: diffusers" in text
 
 
 def test_an_a1111_png_is_made_a1111s_way_with_what_cannot_be_honoured_named(ckpt, capsys, tmp_path) -> None:

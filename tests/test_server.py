@@ -55,22 +55,31 @@ def same_pixels(a: Image.Image, b: Image.Image) -> bool:
     return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b))
 
 
+def a1111(pipe: Pipeline, prompt: str, negative: str = "", image=None, num_images: int = 1, **fields):
+    """What the Python API makes A1111's way (the server's default) with A1111's request defaults."""
+    fields = {"sampler": "DPM++ 2M", "cfg_scale": 7.0, "steps": 20, **SIZE, **fields}
+    return pipe.run(GenerationParams(prompt, negative, a1111=True, **fields), image, num_images)
+
+
 def test_txt2img_gives_what_the_python_api_gives(served):
     url, pipe = served
     request = {"prompt": "a red cat", "negative_prompt": "blur", "seed": 7, "steps": 4, "cfg_scale": 5,
                "sampler_name": "Euler a", "batch_size": 2, "send_images": True, **SIZE}  # fmt: skip
     status, answer = call(url, "/sdapi/v1/txt2img", request)
     assert status == 200, answer
-    expected = pipe.txt2img("a red cat", "blur", steps=4, cfg_scale=5, sampler="euler_a", seed=7,
-                            num_images=2, **SIZE)  # fmt: skip
+    expected = a1111(pipe, "a red cat", "blur", steps=4, cfg_scale=5, sampler="Euler a", seed=7, num_images=2)
     got = images_of(answer)
     assert len(got) == 2 and all(same_pixels(g, e) for g, e in zip(got, expected, strict=True))
     assert not same_pixels(got[0], expected[1])  # the two images of the batch differ
     # Each PNG carries its parameters, as a saved file would (sd generate --from-png reads them).
     assert [g.info["parameters"] for g in got] == [e.info["parameters"] for e in expected]
     info = json.loads(answer["info"])
-    assert info["all_seeds"] == [7, 7] and info["seed"] == 7 and info["sd_model_hash"] == "0123456789"
+    # A1111's way: each image is its own seed
+    assert info["all_seeds"] == [7, 8] and info["seed"] == 7 and info["sd_model_hash"] == "0123456789"
     assert info["ignored_fields"] == ["send_images"]
+
+
+names_diffusers = {"sampler_name": "DPM++ 2M", "scheduler": "Karras"}
 
 
 def test_a1111_sampler_and_scheduler_names(served):
@@ -81,11 +90,20 @@ def test_a1111_sampler_and_scheduler_names(served):
         {"sampler_name": "DPM++ 2M Karras"},  # older clients fold the schedule into the name
         {"sampler_name": "dpmpp_2m", "scheduler": "karras"},
     )]  # fmt: skip
-    expected = pipe.txt2img("a boat", steps=5, cfg_scale=7.0, sampler="dpmpp_2m", karras=True, seed=3, **SIZE)
-    for answer in karras:
+    expected = a1111(pipe, "a boat", steps=5, seed=3, schedule="Karras")
+    automatic = call(url, "/sdapi/v1/txt2img", {**base, "sampler_name": "DPM++ 2M"})[1]  # its own: Karras
+    for answer in [*karras, automatic]:
         assert same_pixels(images_of(answer)[0], expected[0])
-    plain = call(url, "/sdapi/v1/txt2img", {**base, "sampler_name": "DPM++ 2M"})[1]
-    assert not same_pixels(images_of(plain)[0], expected[0])
+    for scheduler in ("Uniform", "exponential", "SGM Uniform", "Align Your Steps"):
+        request = {**base, "sampler_name": "DPM++ 2M", "scheduler": scheduler}
+        status, answer = call(url, "/sdapi/v1/txt2img", request)
+        assert status == 200, answer
+        assert not same_pixels(images_of(answer)[0], expected[0])
+    # diffusers' way, when a request asks
+    status, answer = call(url, "/sdapi/v1/txt2img", {**base, **names_diffusers, "way": "diffusers"})
+    assert status == 200, answer
+    ours = pipe.txt2img("a boat", steps=5, cfg_scale=7.0, sampler="dpmpp_2m", karras=True, seed=3, **SIZE)
+    assert same_pixels(images_of(answer)[0], ours[0]) and "Sampling: diffusers" in ours[0].info["parameters"]
 
 
 def test_clip_skip_as_a1111_clients_send_it(served):
@@ -94,7 +112,7 @@ def test_clip_skip_as_a1111_clients_send_it(served):
     skip2 = call(url, "/sdapi/v1/txt2img", {**request, "override_settings": {"CLIP_stop_at_last_layers": 2}})[
         1
     ]
-    expected = pipe.txt2img("a house", steps=3, cfg_scale=7.0, seed=2, clip_skip=2, **SIZE)[0]
+    expected = a1111(pipe, "a house", steps=3, seed=2, clip_skip=2)[0]
     assert same_pixels(images_of(skip2)[0], expected) and "Clip skip: 2" in expected.info["parameters"]
     plain = call(url, "/sdapi/v1/txt2img", request)[1]
     assert not same_pixels(images_of(plain)[0], expected)
@@ -108,9 +126,7 @@ def test_a1111_prompts_and_emphasis_options(served):
     settings = {"emphasis": "No norm", "pad_cond_uncond": True}
     status, answer = call(url, "/sdapi/v1/txt2img", {**request, "override_settings": settings})
     assert status == 200, answer
-    params = GenerationParams(prompt, negative, steps=3, sampler="dpmpp_2m", cfg_scale=7.0, seed=2, **SIZE,
-                              emphasis="No norm", pad_conds=True)  # fmt: skip
-    (expected,) = pipe.run(params)
+    (expected,) = a1111(pipe, prompt, negative, steps=3, seed=2, emphasis="No norm", pad_conds=True)
     assert same_pixels(images_of(answer)[0], expected)
     infotext = images_of(answer)[0].info["parameters"]
     assert "Emphasis: No norm" in infotext and "Pad conds: True" in infotext
@@ -123,7 +139,7 @@ def test_n_iter_numbers_the_seeds_and_a_random_seed_is_reported(served):
         url, "/sdapi/v1/txt2img", {"prompt": "x", "seed": 10, "n_iter": 2, "steps": 3, **SIZE}
     )
     assert status == 200 and json.loads(answer["info"])["all_seeds"] == [10, 11]
-    second = pipe.txt2img("x", steps=3, cfg_scale=7.0, sampler="dpmpp_2m", seed=11, **SIZE)[0]
+    second = a1111(pipe, "x", steps=3, seed=11)[0]
     assert same_pixels(images_of(answer)[1], second)
     _, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "x", "seed": -1, "steps": 2, **SIZE})
     seed = json.loads(answer["info"])["seed"]
@@ -137,7 +153,7 @@ def test_img2img_takes_a_base64_image_or_data_url(served):
     buffer = io.BytesIO()
     source.save(buffer, format="PNG")
     encoded = base64.b64encode(buffer.getvalue()).decode()
-    expected = pipe.img2img(source, "a dog", strength=0.5, steps=6, cfg_scale=7.0, sampler="dpmpp_2m", seed=5)
+    expected = a1111(pipe, "a dog", image=source, strength=0.5, steps=6, seed=5)
     for image in (encoded, "data:image/png;base64," + encoded):
         request = {
             "prompt": "a dog",
@@ -163,7 +179,16 @@ BAD_REQUESTS = {
     "no steps": ("txt2img", {"steps": 0}, "steps must be at least 1"),
     "negative CFG": ("txt2img", {"cfg_scale": -1}, "CFG scale"),
     "unknown sampler": ("txt2img", {"sampler_name": "nope"}, "unknown sampler 'nope'"),
-    "unknown scheduler": ("txt2img", {"scheduler": "Exponential"}, "scheduler 'Exponential'"),
+    "unknown scheduler": ("txt2img", {"scheduler": "Fast"}, "unknown schedule type 'Fast'"),
+    "unknown scheduler, diffusers' way": (
+        "txt2img",
+        {"scheduler": "Exponential", "way": "diffusers"},
+        "scheduler 'Exponential'",
+    ),
+    "unknown way": ("txt2img", {"way": "comfy"}, "way must be one of a1111, diffusers"),
+    "unknown noise source": ("txt2img", {"override_settings": {"randn_source": "TPU"}}, "RNG source"),
+    "ENSD not a number": ("txt2img", {"override_settings": {"eta_noise_seed_delta": "x"}}, "must be int"),
+    "subseed strength not a number": ("txt2img", {"subseed_strength": "a lot"}, "subseed_strength must be"),
     "too many images": ("txt2img", {"batch_size": MAX_IMAGES, "n_iter": 2}, f"at most {MAX_IMAGES}"),
     "clip skip not a number": (
         "txt2img",
@@ -213,6 +238,33 @@ def test_an_oversized_body_is_refused_unread(served):
     answer = connection.getresponse()
     assert answer.status == 413 and "request body over" in json.loads(answer.read())["detail"]
     connection.close()
+
+
+def test_a1111_seed_fields_and_settings(served):
+    url, pipe = served
+    request = {"prompt": "a lake", "seed": 4, "steps": 3, "sampler_name": "Euler a", "batch_size": 2,
+               "subseed": 9, "subseed_strength": 0.4, "seed_resize_from_w": 32, "seed_resize_from_h": 48,
+               "override_settings": {"eta_noise_seed_delta": 31337, "randn_source": "CPU",
+                                     "eta_ancestral": 0.5, "sd_vae": "Automatic",
+                                     "face_restoration_model": "CodeFormer"},
+               **SIZE}  # fmt: skip
+    status, answer = call(url, "/sdapi/v1/txt2img", request)
+    assert status == 200, answer
+    expected = a1111(pipe, "a lake", steps=3, seed=4, sampler="Euler a", subseed=9, subseed_strength=0.4,
+                     seed_resize_from=(32, 48), ensd=31337, rng="CPU", eta=0.5, num_images=2)  # fmt: skip
+    got = images_of(answer)
+    assert all(same_pixels(g, e) for g, e in zip(got, expected, strict=True))
+    text = got[1].info["parameters"]
+    for part in ("Seed: 4,", "Variation seed: 10, Variation seed strength: 0.4", "Seed resize from: 32x48",
+                 "ENSD: 31337", "RNG: CPU", "Eta: 0.5"):  # fmt: skip
+        assert part in text, text
+    info = json.loads(answer["info"])
+    assert info["all_seeds"] == [4, 4]  # a variation batch shares the seed (and numbers the subseeds)
+    assert info["ignored_fields"] == ["override_settings.face_restoration_model"]
+    status, schedulers = call(url, "/sdapi/v1/schedulers")
+    assert status == 200 and {"Automatic", "Karras", "Align Your Steps"} <= {s["label"] for s in schedulers}
+    status, samplers = call(url, "/sdapi/v1/samplers")
+    assert {"DPM++ 2M", "Euler a", "dpmpp_2m"} <= {s["name"] for s in samplers}
 
 
 def test_long_prompts_are_whole_and_unapplied_tags_are_reported(served):

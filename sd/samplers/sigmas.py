@@ -47,7 +47,8 @@ class ModelSigmas:
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """Fractional timestep of each noise level (linear in log sigma between table entries)."""
-        log_sigma = sigma.log()
+        # 1-d, as A1111 passes it (sigma * s_in): with an fp16 table the arithmetic is then float32's
+        log_sigma = sigma.reshape(-1).log()
         dists = log_sigma - self.log_sigmas[:, None]
         low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=self.log_sigmas.shape[0] - 2)
         low_log, high_log = self.log_sigmas[low], self.log_sigmas[low + 1]
