@@ -35,22 +35,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_samplers(args: argparse.Namespace) -> int:
     from .samplers import ALIASES, KARRAS_SAMPLERS, SAMPLERS
+    from .samplers.a1111 import catalogue
+    from .samplers.sigmas import SCHEDULE_TYPES
 
+    a1111 = catalogue()
+    print("A1111's way (the default), with the schedule type each uses for --scheduler Automatic:")
+    width = max(len(label) for label, *_ in a1111)
+    for label, aliases, _, meaning in a1111:
+        suffix = f"  [alias {', '.join(aliases)}]" if aliases else ""
+        print(f"  {label:<{width}}  {meaning}{suffix}")
+    print(f"schedule types: Automatic, {', '.join(kind.label for kind in SCHEDULE_TYPES.values())}")
+    print("\ndiffusers' way (--way diffusers), each equal to its diffusers scheduler:")
     width = max(map(len, SAMPLERS))
     for name, description in SAMPLERS.items():
         aliases = [alias for alias, target in ALIASES.items() if target == name]
         extras = (["--karras"] if name in KARRAS_SAMPLERS else []) + [f"alias {a}" for a in aliases]
         suffix = f"  [{', '.join(extras)}]" if extras else ""
-        print(f"{name:<{width}}  {description}{suffix}")
-    from .samplers.a1111 import SAMPLERS as A1111_SAMPLERS
-    from .samplers.sigmas import SCHEDULE_TYPES
-
-    print("\nA1111's way (--way a1111), with the schedule type each uses for --scheduler Automatic:")
-    width = max(map(len, A1111_SAMPLERS))
-    for label, spec in A1111_SAMPLERS.items():
-        schedule = SCHEDULE_TYPES[spec.schedule].label if spec.schedule else "the model's own (Uniform)"
-        print(f"  {label:<{width}}  {schedule}")
-    print(f"schedule types: Automatic, {', '.join(kind.label for kind in SCHEDULE_TYPES.values())}")
+        print(f"  {name:<{width}}  {description}{suffix}")
     return 0
 
 
@@ -236,11 +237,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .config import SD15
     from .images import load_image, save_png
-    from .pipeline import check_settings, check_size
+    from .pipeline import check_settings, check_size, model_calls
     from .prompts import check_prompt
-    from .samplers import get_sampler
-    from .samplers.a1111 import A1111Sampler
-    from .samplers.sigmas import ModelSigmas, ldm_alphas_cumprod
 
     params = resolve_params(args)
     # Cheap checks first: a typo should not cost a 4 GB load.
@@ -255,13 +253,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_settings(params.steps, params.cfg_scale, params.strength)
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
-    if params.a1111:
-        a1111 = A1111Sampler(params.sampler, params.steps, ModelSigmas(ldm_alphas_cumprod(SD15.schedule)),
-                             params.schedule)  # fmt: skip
-        total = a1111.calls(a1111.img2img_start(params.strength) if params.strength else 0)
-    else:
-        sampler = get_sampler(params.sampler, params.steps, karras=params.karras, eta=args.eta or 0.0)
-        total = sampler.calls(params.strength)  # also refuses a strength that leaves no steps
+    total = model_calls(params, SD15.schedule)  # also refuses a strength that leaves no steps
     for key in params.unhonoured:
         print(f"warning: {key} (from the PNG) is not supported yet; the image is made without it",
               file=sys.stderr)  # fmt: skip

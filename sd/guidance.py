@@ -53,6 +53,7 @@ class Guidance:
         self.guided = a1111 or cfg_scale > 1.0 or len(parts) > 1 or parts[0][1] != 1.0
         self.calls = 0
         self.padded = False  # whether "Pad conds" padded anything (A1111 records it only then)
+        self.uncond_output: torch.Tensor | None = None  # the latest call's (DDIM CFG++ steps along it)
 
     def _cond_batch(self, x: torch.Tensor, conds: list[torch.Tensor]):
         """(x rows, context rows, split) of the conditional batch; split(output) gives one output per part."""
@@ -100,7 +101,7 @@ class Guidance:
         else:
             out = model(torch.cat([x, x_cond]), torch.cat([uncond_rows, cond_rows]), t)
             uncond_out, cond_outs = out[:batch], split(out[batch:])
-        result = uncond_out
+        self.uncond_output = result = uncond_out
         for cond_out, (_, weight) in zip(cond_outs, parts, strict=True):
             result = result + (self.cfg_scale * weight) * (cond_out - uncond_out)
         return result

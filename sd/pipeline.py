@@ -43,9 +43,11 @@ from .noise import ImageNoise
 from .params import GenerationParams
 from .prompts import extract_networks
 from .samplers import Sampler, eps_from_v, get_sampler
-from .samplers.a1111 import A1111Sampler
+from .samplers.a1111 import bind
+from .samplers.lcm import lcm_denoised
 from .samplers.schedule import alphas_cumprod
-from .samplers.sigmas import ModelSigmas, ldm_alphas_cumprod
+from .samplers.sigmas import ldm_alphas_cumprod
+from .samplers.timesteps import CFGPP_SCALE, TimestepsSampler
 from .tokenizer import CLIPTokenizer
 
 log = logging.getLogger("sd")
@@ -95,6 +97,25 @@ def dtype_of(model: nn.Module) -> torch.dtype:
 
 def new_seed() -> int:
     return random.SystemRandom().randrange(2**32)
+
+
+def bind_a1111_sampler(params: GenerationParams, schedule: ScheduleConfig):
+    """The A1111 sampler a run's parameters ask for (sd.samplers.a1111.bind)."""
+    return bind(
+        params.sampler, params.steps, ldm_alphas_cumprod(schedule, downcast=params.downcast_alphas),
+        params.schedule, eta=params.eta, eta_ddim=params.eta_ddim, s_churn=params.s_churn,
+        s_tmin=params.s_tmin, s_tmax=params.s_tmax, s_noise=params.s_noise, sigma_min=params.sigma_min,
+        sigma_max=params.sigma_max, rho=params.rho, discard_penultimate=params.discard_penultimate,
+    )  # fmt: skip
+
+
+def model_calls(params: GenerationParams, schedule: ScheduleConfig) -> int:
+    """U-Net steps of one batch (for progress; nominal for DPM adaptive); ValueError for settings the
+    sampler refuses (e.g. a strength that leaves no steps)."""
+    if params.a1111:
+        sampler = bind_a1111_sampler(params, schedule)
+        return sampler.calls(sampler.img2img_start(params.strength) if params.strength else 0)
+    return get_sampler(params.sampler, params.steps, schedule, params.karras).calls(params.strength)
 
 
 class Pipeline:
@@ -343,14 +364,12 @@ class Pipeline:
 
     def _sample_a1111(self, params, shape, eta, callback, image):
         """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image."""
-        model_sigmas = ModelSigmas(ldm_alphas_cumprod(self.config.schedule, downcast=params.downcast_alphas))
-        sampler = A1111Sampler(
-            params.sampler, params.steps, model_sigmas, params.schedule, params.eta,
-            params.s_churn, params.s_tmin, params.s_tmax, params.s_noise,
-            params.sigma_min, params.sigma_max, params.rho, params.discard_penultimate,
-        )  # fmt: skip
+        sampler = bind_a1111_sampler(params, self.config.schedule)
         conditioning = self.condition(params, sampler.total_steps)
-        guidance = Guidance(conditioning, params.cfg_scale, a1111=True)
+        cfg_scale = params.cfg_scale
+        if isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp:
+            cfg_scale *= CFGPP_SCALE  # DDIM CFG++ guides at a fraction of the scale (the PNG keeps the scale)
+        guidance = Guidance(conditioning, cfg_scale, a1111=True)
         # A1111 gives every image of a variation-seed batch the same seed (and numbered subseeds).
         numbered = [params.seed + i for i in range(shape[0])]
         seeds = numbered if not params.subseed_strength else [params.seed] * shape[0]
@@ -358,6 +377,8 @@ class Pipeline:
         noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,
                            params.seed_resize_from, params.ensd)  # fmt: skip
         x = noise.next().to(self.device)
+        if isinstance(sampler, TimestepsSampler):
+            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image)
         start = 0
         if image is None:
             x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
@@ -373,12 +394,17 @@ class Pipeline:
         v_prediction = self.config.schedule.prediction_type == "v_prediction"
         timestep = [0.0]  # of the latest model call, for the progress callback
 
+        lcm = sampler.spec.denoiser == "lcm"
+
         def denoised(x_in: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            """k-diffusion's CompVisDenoiser (CompVisVDenoiser for v-prediction) over our U-Net."""
+            """k-diffusion's CompVisDenoiser (CompVisVDenoiser for v-prediction) over our U-Net; for LCM,
+            A1111's LCM denoiser (its own timesteps, the boundary condition; eps even for v models)."""
             c_in = 1 / (sigma**2 + 1) ** 0.5
-            t = model_sigmas.sigma_to_t(sigma)
+            t = sampler.table.sigma_to_t(sigma)
             timestep[0] = float(t)
             out = unet((x_in * c_in).to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
+            if lcm:
+                return lcm_denoised(x_in, x_in + out * -sigma, t)
             if v_prediction:
                 return out * (-sigma / (sigma**2 + 1) ** 0.5) + x_in * (1 / (sigma**2 + 1))
             return x_in + out * -sigma
@@ -389,12 +415,49 @@ class Pipeline:
 
         total = sampler.calls(start)
         latents = x
-        for index, latents in enumerate(sampler.sample(model, x, noise, start)):
+        for index, latents in enumerate(sampler.sample(model, x, noise, start, img2img=image is not None)):
             if callback is not None:
                 callback(Step(index, total, timestep[0], latents))
         self._release("diffusion")
         # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
         return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
+
+    def _sample_timesteps(self, sampler, params, x, noise, guidance, conditioning, callback, image):
+        """A1111's own DDIM, PLMS and UniPC: CFG on the U-Net's eps at (integer or continuous) timesteps."""
+        start = 0
+        if image is None:
+            x = sampler.txt2img_latent(x)
+        else:
+            start = sampler.img2img_start(params.strength)
+            clean = self.encode_image(image, None).float().expand(x.shape[0], -1, -1, -1)
+            x = sampler.img2img_latent(clean, x * params.noise_multiplier, start)
+        unet = self._use("diffusion")
+        dtype = dtype_of(unet)
+        v_prediction = self.config.schedule.prediction_type == "v_prediction"
+        alphas = sampler.alphas_cumprod
+        timestep = [0.0]
+
+        def eps(x_in: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            timestep[0] = float(t)
+            out = unet(x_in.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
+            if v_prediction:  # A1111's CompVisTimestepsVDenoiser, at the truncated timestep
+                a = alphas[t.long()].to(x_in)
+                return a.sqrt() * out + (1 - a).sqrt() * x_in
+            return out
+
+        @torch.no_grad()
+        def model(x_in: torch.Tensor, t: torch.Tensor):
+            guided = guidance(eps, x_in, t)
+            return (guided, guidance.uncond_output) if sampler.spec.cfgpp else guided
+
+        total = sampler.calls(start)
+        latents = x
+        for index, latents in enumerate(sampler.sample(model, x, noise, start)):
+            if callback is not None:
+                callback(Step(index, total, timestep[0], latents))
+        self._release("diffusion")
+        eta = sampler.eta if sampler.spec.takes_eta and sampler.eta else None
+        return latents, conditioning, guidance, {"sampler": sampler.label, "eta": None, "eta_ddim": eta}
 
     def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
         # The text travels in image.info["parameters"]; save_png writes it into the PNG.

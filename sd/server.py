@@ -35,13 +35,11 @@ from .config import SD15
 from .images import image_from_bytes, save_png
 from .noise import check_source
 from .params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
-from .pipeline import Pipeline, check_settings, check_size, new_seed
+from .pipeline import Pipeline, check_settings, check_size, model_calls, new_seed
 from .prompts import check_prompt
-from .samplers import ALIASES, SAMPLERS, get_sampler
-from .samplers.a1111 import ALIASES as A1111_ALIASES
-from .samplers.a1111 import SAMPLERS as A1111_SAMPLERS
-from .samplers.a1111 import A1111Sampler
-from .samplers.sigmas import SCHEDULE_TYPES, ModelSigmas, ldm_alphas_cumprod, schedule_type
+from .samplers import ALIASES, SAMPLERS
+from .samplers.a1111 import catalogue
+from .samplers.sigmas import SCHEDULE_TYPES, schedule_type
 
 DEFAULT_HOST = "127.0.0.1"  # this machine only: anyone who can reach the port can use the model
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -287,7 +285,7 @@ def parse_request(body: dict[str, Any], img2img: bool, way: str = "a1111") -> Re
         check_emphasis(params.emphasis)
         check_prompt(params.prompt, params.steps)
         check_prompt(params.negative_prompt, params.steps)
-        calls(params, SD15.schedule)
+        model_calls(params, SD15.schedule)
         if params.a1111:
             check_source(params.rng)
     except ValueError as error:
@@ -295,15 +293,6 @@ def parse_request(body: dict[str, Any], img2img: bool, way: str = "a1111") -> Re
     if img2img:  # decoding last: cheap checks first
         request = replace(request, image=decode_init_image(images[0]))
     return request
-
-
-def calls(params: GenerationParams, schedule) -> int:
-    """U-Net calls of one batch (for progress); ValueError for settings the sampler refuses."""
-    if params.a1111:
-        sampler = A1111Sampler(params.sampler, params.steps, ModelSigmas(ldm_alphas_cumprod(schedule)),
-                               params.schedule)  # fmt: skip
-        return sampler.calls(sampler.img2img_start(params.strength) if params.strength else 0)
-    return get_sampler(params.sampler, params.steps, schedule, params.karras).calls(params.strength)
 
 
 # --- running them ------------------------------------------------------------------------------------------
@@ -320,7 +309,7 @@ class Service:
 
     def generate(self, request: Request) -> dict[str, Any]:
         with self.lock:
-            total = calls(request.params, self.pipe.config.schedule) * request.n_iter
+            total = model_calls(request.params, self.pipe.config.schedule) * request.n_iter
             self.job = Job(running=True, total=total, started=time.monotonic())
             try:
                 return self._run(request)
@@ -405,12 +394,8 @@ class Service:
     def samplers(self) -> list[dict[str, Any]]:
         """A1111's sampler set (its names, aliases and options), then ours (diffusers' way)."""
         a1111 = [
-            {
-                "name": label,
-                "aliases": [alias for alias, target in A1111_ALIASES.items() if target == label],
-                "options": {"scheduler": spec.schedule} if spec.schedule else {},
-            }
-            for label, spec in A1111_SAMPLERS.items()
+            {"name": label, "aliases": aliases, "options": {"scheduler": schedule} if schedule else {}}
+            for label, aliases, schedule, _ in catalogue()
         ]
         ours = [
             {

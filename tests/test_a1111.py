@@ -35,7 +35,54 @@ SAMPLERS = {
     "DPM2 a": ("sample_dpm_2_ancestral", "karras", True, False, {"eta": 1.0}),
     "LMS": ("sample_lms", None, False, False, {}),
     "DPM++ 3M SDE": ("sample_dpmpp_3m_sde", "exponential", True, True, {"eta": 1.0}),
+    # these two take the model's sigma range (and DPM fast n = steps) instead of the sigmas
+    "DPM fast": ("sample_dpm_fast", None, False, False, {"eta": 1.0, "s_noise": 1.0}),
+    "DPM adaptive": ("sample_dpm_adaptive", None, False, False, {"eta": 1.0}),
+    "LCM": (None, None, False, False, {}),  # A1111's own sampler and denoiser: written out below
 }
+
+
+def lcm_reference(k, external, ldm, steps: int):
+    """A1111's LCMCompVisDenoiser and sample_lcm (sd_samplers_lcm.py), transcribed: a denoiser over the 50
+    timesteps LCM was distilled on, its own schedule, and the boundary condition on x0."""
+    timesteps = torch.arange(19, 1000, 20)
+
+    class LCMDenoiser(external.DiscreteEpsDDPMDenoiser):
+        def __init__(self):
+            super().__init__(ldm, ldm.alphas_cumprod[timesteps].float(), quantize=True)
+
+        def sigma_to_t(self, sigma, quantize=None):
+            return timesteps[super().sigma_to_t(sigma, quantize=True)]
+
+        def t_to_sigma(self, t):
+            return super().t_to_sigma(((t - 19) / 20).float())
+
+        def get_eps(self, x, t, cond):
+            return ldm.apply_model(x, t, cond)
+
+        def forward(self, x, sigma, cond):
+            c_in = 1 / (sigma**2 + 1) ** 0.5
+            t = self.sigma_to_t(sigma)
+            x0 = x - self.get_eps(x * c_in[:, None, None, None], t, cond) * sigma[:, None, None, None]
+            scaled = (t * 10.0)[:, None, None, None]
+            c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / (scaled**2 + 0.25) ** 0.5
+            return c_out * x0 + c_skip * x
+
+    denoiser = LCMDenoiser()
+    first, last = denoiser.sigma_to_t(denoiser.sigmas[-1:])[0], denoiser.sigma_to_t(denoiser.sigmas[:1])[0]
+    t = torch.linspace(first, last, steps)
+    sigmas = torch.cat([denoiser.t_to_sigma(t), torch.zeros(1)])
+
+    def sample_lcm(model, x, sigmas, disable=None):
+        for i in range(len(sigmas) - 1):
+            x = model(x, sigmas[i] * x.new_ones([x.shape[0]]))
+            if sigmas[i + 1] > 0:
+                x = x + sigmas[i + 1] * k.torch.randn_like(x)
+        return x
+
+    return denoiser, sigmas, sample_lcm
+
+
 SD15_SAMPLERS = ("DPM++ 2M", "Euler a")
 
 
@@ -67,9 +114,13 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
             alphas_cumprod = alphas_cumprod.half()
 
         def apply_model(self, x, t, cond):
+            if settings.get("our_unet"):
+                return world.ours["diffusion"](x, cond, t)
             return world.unet(x, t, encoder_hidden_states=cond).sample
 
     denoiser = external.CompVisDenoiser(LDM())
+    if label == "LCM":
+        denoiser, lcm_sigmas, lcm_sample = lcm_reference(k, external, LDM(), steps)
     encoder = Pipeline(world.ours).prompt_encoder()
     (uncond,), _ = encoder.encode_groups([[NEGATIVE]])
     (cond,), _ = encoder.encode_groups([[PROMPT]])
@@ -83,7 +134,9 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
         return denoised_uncond + (out[:batch] - denoised_uncond) * cfg
 
     range_ = {key: settings[key] for key in ("sigma_min", "sigma_max", "rho") if key in settings}
-    sigmas = reference_sigmas(k, denoiser, schedule, steps, discard, **range_)
+    sigmas = (
+        lcm_sigmas if label == "LCM" else reference_sigmas(k, denoiser, schedule, steps, discard, **range_)
+    )
     noise = ImageNoise((4, SIZE // 8, SIZE // 8), seeds)
     monkeypatch.setattr(k, "torch", kdiffusion_reference.RandnFromStreams(noise))
     first = noise.next()
@@ -100,7 +153,17 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
             extra["noise_sampler"] = k.BrownianTreeNoiseSampler(
                 x, sigmas[sigmas > 0].min(), sigmas.max(), seed=seeds
             )
-        latents = getattr(k, name)(cfg_denoiser, x, run_sigmas, disable=True, **extra, **kwargs)
+        if name in ("sample_dpm_fast", "sample_dpm_adaptive"):
+            # A1111: the model's range in txt2img, the sliced schedule's ends in img2img
+            low, high = (denoiser.sigmas[0].item(), denoiser.sigmas[-1].item()) if clean is None else (
+                run_sigmas[-2], run_sigmas[0])  # fmt: skip
+            if name == "sample_dpm_fast":
+                extra["n"] = len(run_sigmas) - 1
+            latents = getattr(k, name)(cfg_denoiser, x, low, high, disable=True, **extra, **kwargs)
+        elif label == "LCM":
+            latents = lcm_sample(cfg_denoiser, x, run_sigmas)
+        else:
+            latents = getattr(k, name)(cfg_denoiser, x, run_sigmas, disable=True, **extra, **kwargs)
     image = world.vae.decode(latents / world.vae.config.scaling_factor).sample
     pixels = (255.0 * torch.clamp((image + 1.0) / 2.0, 0, 1).permute(0, 2, 3, 1).numpy()).astype(np.uint8)
     return latents, pixels
@@ -132,9 +195,56 @@ def test_a1111_txt2img_equals_the_reference_composition(world: World, label: str
     steps, seed = 4, 1234
     latents, pixels, _, calls = run_ours(world, label, steps, seed, batch=2, cfg=7.0)
     reference = reference_run(world, label, steps, [seed, seed + 1], 7.0, monkeypatch)
+    if label == "DPM adaptive":
+        # Its step sizes come from the difference of two solutions, which multiplies the U-Nets' float
+        # difference (~1e-6) by about 1000: equal to 1e-3 against diffusers' U-Net, and within the usual
+        # tolerance when the reference composition runs over our U-Net.
+        scale = reference[0].abs().max()
+        assert (latents - reference[0]).abs().max() <= 5e-3 * scale
+        reference = reference_run(world, label, steps, [seed, seed + 1], 7.0, monkeypatch, our_unet=True)
     assert_same((latents, pixels), reference, f"{world.name} {label}")
     second_order = label in ("Heun", "DPM2 a", "DPM++ SDE", "DPM++ 2S a")
-    assert calls == (2 * steps - 1 if second_order else steps)
+    if label == "DPM fast":
+        assert calls == steps
+    elif label != "DPM adaptive":  # (as many calls as its error control needs)
+        assert calls == (2 * steps - 1 if second_order else steps)
+
+
+def test_a1111_ddim_equals_diffusers_ddim_without_its_last_step(world: World) -> None:
+    """A1111's own DDIM (§d5) is diffusers' DDIM ("leading" timesteps + 1, no final alpha 1) stopped before
+    its last step, t = 1; here over diffusers' U-Net with A1111's CFG on eps and the unscaled first noise.
+    Tolerance: 1e-4 of the latents' scale (two U-Nets, fp32)."""
+    if world.name != "tiny":
+        pytest.skip("the wiring is the same at any size")
+    from diffusers import DDIMScheduler
+
+    steps, seeds, cfg = 10, [21, 22], 6.0
+    latents, _, images, calls = run_ours(world, "DDIM", steps, seeds[0], 2, cfg)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", set_alpha_to_one=False, clip_sample=False,
+    )  # fmt: skip
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    scheduler.alphas_cumprod = torch.cumprod(1 - betas, dim=0).float()  # the checkpoint's table, as A1111's
+    scheduler.set_timesteps(steps)
+    encoder = Pipeline(world.ours).prompt_encoder()
+    (uncond,), _ = encoder.encode_groups([[NEGATIVE]])
+    (cond,), _ = encoder.encode_groups([[PROMPT]])
+    context = torch.cat([cond.expand(2, -1, -1), uncond.expand(2, -1, -1)])
+    noise = ImageNoise((4, SIZE // 8, SIZE // 8), seeds)
+    x = noise.next()
+    with torch.no_grad():
+        for t in scheduler.timesteps[:-1]:
+            out = world.unet(torch.cat([x, x]), t, encoder_hidden_states=context).sample
+            eps = out[2:] + (out[:2] - out[2:]) * cfg
+            x = scheduler.step(eps, t, x).prev_sample
+            noise.next()  # A1111's DDIM draws its (eta 0: unused) noise every step
+    scale = x.abs().max()
+    print(
+        f"DDIM: max |latents - diffusers| {float((latents - x).abs().max()):.3g} (scale {float(scale):.3g})"
+    )
+    assert (latents - x).abs().max() <= 1e-4 * scale
+    assert calls == steps - 1 and "Sampler: DDIM," in images[0].info["parameters"]
 
 
 def test_a1111_img2img_slices_the_schedule_as_a1111(world: World, monkeypatch) -> None:
@@ -146,7 +256,7 @@ def test_a1111_img2img_slices_the_schedule_as_a1111(world: World, monkeypatch) -
     picture = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     pipe = Pipeline(world.ours)
     clean = pipe.encode_image(picture, None)  # A1111's posterior sample is not seed-controlled: the mean
-    for label in ("DPM++ 2M", "DPM++ 2M SDE"):
+    for label in ("DPM++ 2M", "DPM++ 2M SDE", "DPM fast"):
         latents, pixels, _, calls = run_ours(world, label, 10, 5, 1, 7.0, picture, strength=0.6)
         reference = reference_run(world, label, 10, [5], 7.0, monkeypatch, clean=clean, strength=0.6)
         assert_same((latents, pixels), reference, f"img2img {label}")

@@ -270,12 +270,13 @@ def test_not_a_model_is_one_line(capsys, tmp_path) -> None:
 
 
 def test_samplers_and_info(ckpt, capsys) -> None:
-    from sd.samplers.a1111 import SAMPLERS as A1111_SAMPLERS
+    from sd.samplers.a1111 import LABELS
 
     code, out, _ = run(capsys, "samplers")
-    assert code == 0 and all(name in out for name in [*SAMPLERS, *A1111_SAMPLERS])
-    assert "  DPM++ 2M           Karras\n" in out
-    assert "  Euler a            the model's own (Uniform)\n" in out
+    assert code == 0 and all(name in out for name in [*SAMPLERS, *LABELS])
+    assert "  DPM++ 2M           Karras  [alias k_dpmpp_2m]\n" in out
+    assert "  Euler a            the model's own (Uniform)  [alias k_euler_a, k_euler_ancestral]\n" in out
+    assert "  DDIM               none: its own timesteps" in out
     assert "schedule types: Automatic, Uniform, Karras, Exponential," in out
     code, out, _ = run(capsys, "info", ckpt)
     assert code == 0 and "SD1.x" in out
@@ -358,12 +359,15 @@ def test_a1111_way_from_the_command_line_and_back_from_its_png(ckpt, capsys, tmp
     assert "Sampler: dpmpp_2m, CFG scale: 7.5," in text and "Sampling: diffusers" in text
 
 
-def test_an_a1111_png_is_made_a1111s_way_with_what_cannot_be_honoured_named(ckpt, capsys, tmp_path) -> None:
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ SDE Karras", "DDIM", "UniPC", "Restart", "LCM"])
+def test_an_a1111_png_is_made_a1111s_way_with_what_cannot_be_honoured_named(
+    ckpt, capsys, tmp_path, sampler
+) -> None:
     from sd.images import save_png
     from sd.pipeline import Pipeline
     from sd.weights import load_models
 
-    text = ("a lighthouse\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a, Schedule type: Automatic, "
+    text = (f"a lighthouse\nNegative prompt: blurry\nSteps: 3, Sampler: {sampler}, Schedule type: Automatic, "
             "CFG scale: 7, Seed: 42, Size: 64x64, Model hash: 0000000000, Model: other, Hires upscale: 2, "
             "Version: v1.10.1")  # fmt: skip
     save_png(Image.new("RGB", (64, 64)), tmp_path / "a1111.png", text)

@@ -8,17 +8,22 @@
 Each function yields x after every model call (the last yield is the result). The arithmetic is
 k-diffusion 0.1.1's (sampling.py, which A1111 v1.10.1 pins), operation for operation, so results agree with
 it to float rounding; A1111's wiring choices (which draws happen, eta defaults) are kept: Euler, Heun and
-DPM2 draw their churn noise every step even when churn is off, consuming it from the streams as A1111 does.
+DPM2 draw their churn noise every step even when churn is off, consuming it from the streams as A1111 does,
+and so do DPM fast (every step) and DPM adaptive (every accepted step) at eta 0. Restart and LCM are A1111's
+own (sd_samplers_extra.py, sd_samplers_lcm.py), over the same primitives.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import torch
 from scipy import integrate
 from torch import Tensor
+
+from sd.samplers.sigmas import karras
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Noise = Callable[[], Tensor]
@@ -299,10 +304,206 @@ def dpmpp_3m_sde(
         yield x
 
 
+# DPM-Solver (Lu et al. 2022) as k-diffusion's DPMSolver runs it: steps in t = -log(sigma) on the noise
+# prediction eps = (x - D(x; sigma)) / sigma. A1111 gives these two a sigma range, not a schedule.
+
+
+def _eps(model: Denoiser, x: Tensor, t: Tensor) -> Tensor:
+    return (x - model(x, _sigma(t))) / _sigma(t)
+
+
+def _dpm_solver_step(
+    model: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, eps: Tensor, order: int
+) -> Generator[Tensor, None, tuple[Tensor, Tensor | None]]:
+    """DPM-Solver-`order` (1 to 3) from t to t_next, given eps at (x, t): yields the point of each further
+    model call, returns (x at t_next, the solution one order lower from the same calls: DPM adaptive's
+    error estimate; None at order 1)."""
+    h = t_next - t
+    x_1 = x - _sigma(t_next) * h.expm1() * eps
+    if order == 1:
+        return x_1, None
+    r1 = 1 / 2 if order == 2 else 1 / 3
+    s1 = t + r1 * h
+    u1 = x - _sigma(s1) * (r1 * h).expm1() * eps
+    yield u1
+    eps_r1 = _eps(model, u1, s1)
+    x_2 = x_1 - _sigma(t_next) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+    if order == 2:
+        return x_2, x_1
+    r2 = 2 / 3
+    s2 = t + r2 * h
+    u2 = x - _sigma(s2) * (r2 * h).expm1() * eps
+    u2 = u2 - _sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
+    yield u2
+    eps_r2 = _eps(model, u2, s2)
+    return x_1 - _sigma(t_next) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps), x_2
+
+
+def _dpm_ancestral(t: Tensor, t_next: Tensor, t_end: Tensor, eta: float) -> tuple[Tensor, Tensor | float]:
+    """(where the deterministic part of a step from t to t_next ends, never past t_end; the std of the noise
+    added after it)."""
+    if not eta:
+        return t_next, 0.0
+    sigma_down, _ = ancestral_step(_sigma(t), _sigma(t_next), eta)
+    t_down = torch.minimum(t_end, _t(sigma_down))
+    return t_down, (_sigma(t_next) ** 2 - _sigma(t_down) ** 2) ** 0.5
+
+
+def _t_range(sigma_min: float | Tensor, sigma_max: float | Tensor) -> tuple[Tensor, Tensor]:
+    if sigma_min <= 0 or sigma_max <= 0:
+        raise ValueError("sigma_min and sigma_max must not be 0")
+    # float32 0-d tensors on the CPU, as k-diffusion's torch.tensor(sigma) makes them
+    return _t(torch.tensor(float(sigma_max))), _t(torch.tensor(float(sigma_min)))
+
+
+def dpm_fast(
+    model: Denoiser, x: Tensor, sigma_min: float | Tensor, sigma_max: float | Tensor, n: int, noise: Noise,
+    eta: float = 0.0, s_noise: float = 1.0,
+) -> Iterator[Tensor]:  # fmt: skip
+    """DPM-Solver-Fast: n model calls in third-order steps evenly spaced in t from sigma_max to sigma_min
+    (the last one or two of lower order); ends at sigma_min, not 0. Draws noise every step, eta 0 or not."""
+    t_start, t_end = _t_range(sigma_min, sigma_max)
+    if not t_end > t_start and eta:
+        raise ValueError("eta must be 0 for reverse sampling")
+    m = math.floor(n / 3) + 1
+    ts = torch.linspace(t_start, t_end, m + 1, device=x.device)
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    for i, order in enumerate(orders):
+        t_step, sigma_up = _dpm_ancestral(ts[i], ts[i + 1], t_end, eta)
+        x, _ = yield from _dpm_solver_step(model, x, ts[i], t_step, _eps(model, x, ts[i]), order)
+        x = x + sigma_up * s_noise * noise()
+        yield x
+
+
+class _StepSizeController:
+    """k-diffusion's PID step-size controller: scales h by a limited product of powers of 1 / error."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float,
+                 accept_safety: float, eps: float = 1e-8):  # fmt: skip
+        self.h = h
+        self.b1 = (pcoeff + icoeff + dcoeff) / order
+        self.b2 = -(pcoeff + 2 * dcoeff) / order
+        self.b3 = dcoeff / order
+        self.accept_safety = accept_safety
+        self.eps = eps
+        self.errs: list[float] = []  # inverse errors: this step's, the last accepted, the one before
+
+    def propose_step(self, error: Tensor) -> bool:
+        """Whether to accept the step just tried; updates h either way."""
+        inv_error = 1 / (float(error) + self.eps)
+        if not self.errs:
+            self.errs = [inv_error, inv_error, inv_error]
+        self.errs[0] = inv_error
+        factor = self.errs[0] ** self.b1 * self.errs[1] ** self.b2 * self.errs[2] ** self.b3
+        factor = 1 + math.atan(factor - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.errs[2] = self.errs[1]
+            self.errs[1] = self.errs[0]
+        self.h *= factor
+        return accept
+
+
+def dpm_adaptive(
+    model: Denoiser, x: Tensor, sigma_min: float | Tensor, sigma_max: float | Tensor, noise: Noise,
+    order: int = 3, rtol: float = 0.05, atol: float = 0.0078, h_init: float = 0.05, pcoeff: float = 0.0,
+    icoeff: float = 1.0, dcoeff: float = 0.0, accept_safety: float = 0.81, eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> Iterator[Tensor]:  # fmt: skip
+    """DPM-Solver-23 (or -12 at `order` 2) with adaptive step size from sigma_max to sigma_min: each try
+    makes `order` model calls, as many tries as the error control needs (the error is over the whole
+    batch, so the steps depend on it). Draws noise at every accepted step, eta 0 or not. Over an empty
+    range (sigma_min == sigma_max: img2img of one step) it makes no call and yields nothing: x is the
+    result."""
+    if order not in (2, 3):
+        raise ValueError("order should be 2 or 3")
+    t_start, t_end = _t_range(sigma_min, sigma_max)
+    forward = t_end > t_start
+    if not forward and eta:
+        raise ValueError("eta must be 0 for reverse sampling")
+    pid = _StepSizeController(abs(h_init) * (1 if forward else -1), pcoeff, icoeff, dcoeff,
+                              1.5 if eta else order, accept_safety)  # fmt: skip
+    atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
+    s, x_prev = t_start, x
+    while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
+        t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
+        t_step, sigma_up = _dpm_ancestral(s, t, t_end, eta)
+        x_high, x_low = yield from _dpm_solver_step(model, x, s, t_step, _eps(model, x, s), order)
+        delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
+        error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+        if pid.propose_step(error):
+            x_prev = x_low
+            x = x_high + sigma_up * s_noise * noise()
+            s = t
+        yield x
+
+
+# A1111's default restart plan (sd_samplers_extra.restart_sampler): re-run the stretch from sigma ~2 down to
+# ~0.1 after re-noising, once from 20 steps on, twice from 36.
+RESTART_AT, RESTART_FROM = 0.1, 2.0
+
+
+def restart_steps(sigmas: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The (sigma, sigma_next) of every Heun step of a Restart run over `sigmas`, in order. Under 20 steps
+    they are the schedule's own; from 20 on, the schedule is remade as Karras between its first and last
+    non-zero sigma over the steps the restarts leave."""
+    steps = len(sigmas) - 1
+    if steps < 20:
+        return list(itertools.pairwise(sigmas))
+    segment, times = (steps // 4, 2) if steps >= 36 else (9, 1)
+    sigmas = karras(steps - segment * times, sigmas[-2].item(), sigmas[0].item())
+    plan = list(itertools.pairwise(sigmas))
+    low = int(torch.argmin(abs(sigmas - RESTART_AT), dim=0))
+    high = int(torch.argmin(abs(sigmas - RESTART_FROM), dim=0))
+    if high < low:
+        again = karras(segment + 1, sigmas[low].item(), sigmas[high].item())[:-1]
+        plan[low:low] = list(itertools.pairwise(again)) * times  # after the step to sigmas[low]
+    return plan
+
+
+def restart_calls(sigmas: Tensor) -> int:
+    """Model calls of a Restart run over `sigmas`: two a Heun step, one for a step to sigma 0."""
+    return sum(1 if sigma_next == 0 else 2 for _, sigma_next in restart_steps(sigmas))
+
+
+def restart(
+    model: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise, s_noise: float = 1.0
+) -> Iterator[Tensor]:
+    """Restart sampling (Xu et al. 2023) as A1111 runs it: Heun steps over `restart_steps`, and where a step
+    starts above the level the last one reached, fresh noise first to make up the difference in variance."""
+    last = None
+    for sigma, sigma_next in restart_steps(sigmas):
+        if last is not None and last < sigma:
+            x = x + noise() * s_noise * (sigma**2 - last**2) ** 0.5
+        d = to_d(x, sigma, model(x, sigma))
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            yield x_2
+            d_2 = to_d(x_2, sigma_next, model(x_2, sigma_next))
+            x = x + (d + d_2) / 2 * dt
+        yield x
+        last = sigma_next
+
+
+def lcm(model: Denoiser, x: Tensor, sigmas: Tensor, noise: Noise) -> Iterator[Tensor]:
+    """A1111's LCM: each step jumps to the denoised image and noises it afresh to the next level. `model`
+    must be LCM's denoiser (sd.samplers.lcm), not the plain CompVis one."""
+    for i in range(len(sigmas) - 1):
+        x = model(x, sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * noise()
+        yield x
+
+
 __all__ = [
     "ancestral_step",
     "dpm_2",
     "dpm_2_ancestral",
+    "dpm_adaptive",
+    "dpm_fast",
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "dpmpp_2s_ancestral",
@@ -311,6 +512,10 @@ __all__ = [
     "euler",
     "euler_ancestral",
     "heun",
+    "lcm",
     "lms",
+    "restart",
+    "restart_calls",
+    "restart_steps",
     "to_d",
 ]
