@@ -189,12 +189,11 @@ def _unipc_times(
     raise ValueError(f"unknown UniPC skip type {skip_type!r}; one of: {', '.join(UNIPC_SKIP_TYPES)}")
 
 
-def _unipc_bh(
-    data: EpsModel, ns: _DiscreteVP, x: Tensor, models: list[Tensor], times: list[Tensor], t: Tensor,
-    order: int, use_corrector: bool, variant: str,
-) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """UniPC-p predictor (order `order`) and UniC corrector with B(h) = h (bh1) or e^h - 1 (bh2), in the
-    data-prediction form; returns (x at t, the model's x0 at the predicted point, or None)."""
+def _unipc_step_terms(
+    ns: _DiscreteVP, models: list[Tensor], times: list[Tensor], t: Tensor, order: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:
+    """What both UniPC forms start from: the last model output m0, sigma_t / sigma_s, alpha_t, the step h in
+    lambda, the ratios r_k of the earlier steps (then 1) and the scaled differences D1_k."""
     lambda_0, m0 = ns.lam(times[-1]), models[-1]
     sigma_ratio, alpha_t = ns.std(t) / ns.std(times[-1]), ns.log_alpha(t).exp()
     h = ns.lam(t) - lambda_0
@@ -203,7 +202,16 @@ def _unipc_bh(
         rk = (ns.lam(times[-(i + 1)]) - lambda_0) / h
         rks.append(rk)
         d1s.append((models[-(i + 1)] - m0) / rk)
-    rks = torch.stack([*rks, h.new_ones(())])
+    return m0, sigma_ratio, alpha_t, h, torch.stack([*rks, h.new_ones(())]), d1s
+
+
+def _unipc_bh(
+    data: EpsModel, ns: _DiscreteVP, x: Tensor, models: list[Tensor], times: list[Tensor], t: Tensor,
+    order: int, use_corrector: bool, variant: str,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """UniPC-p predictor (order `order`) and UniC corrector with B(h) = h (bh1) or e^h - 1 (bh2), in the
+    data-prediction form; returns (x at t, the model's x0 at the predicted point, or None)."""
+    m0, sigma_ratio, alpha_t, h, rks, d1s = _unipc_step_terms(ns, models, times, t, order)
 
     hh = -h
     h_phi_1 = torch.expm1(hh)
@@ -236,15 +244,7 @@ def _unipc_vary(
     order: int, use_corrector: bool, variant: str,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """The "vary_coeff" UniPC: coefficients from the inverse of the Taylor matrix C of the rks."""
-    lambda_0, m0 = ns.lam(times[-1]), models[-1]
-    sigma_ratio, alpha_t = ns.std(t) / ns.std(times[-1]), ns.log_alpha(t).exp()
-    h = ns.lam(t) - lambda_0
-    rks, d1s = [], []
-    for i in range(1, order):
-        rk = (ns.lam(times[-(i + 1)]) - lambda_0) / h
-        rks.append(rk)
-        d1s.append((models[-(i + 1)] - m0) / rk)
-    rks = torch.stack([*rks, h.new_ones(())])
+    m0, sigma_ratio, alpha_t, h, rks, d1s = _unipc_step_terms(ns, models, times, t, order)
     k_len = len(rks)
     columns, column = [], torch.ones_like(rks)
     for k in range(1, k_len + 1):
