@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from .infotext import backcompat, format_infotext, parse_infotext, parse_version
 from .samplers.a1111 import exact_label as a1111_label
-from .samplers.a1111 import split_schedule
+from .samplers.a1111 import split_schedule, writes_ensd
 from .samplers.sigmas import SCHEDULE_TYPES
 
 A1111_SAMPLER_NAMES = {
@@ -118,7 +118,7 @@ class GenerationParams:
             ("Seed resize from", resize),
             ("Denoising strength", _number(self.strength)),
             ("Clip skip", self.clip_skip if self.clip_skip != 1 else None),
-            ("ENSD", self.ensd if a1111 and self.ensd else None),
+            ("ENSD", self.ensd if a1111 and self.ensd and writes_ensd(self.sampler, self.eta) else None),
             ("RNG", self.rng if a1111 and self.rng != "GPU" else None),
             # then, as A1111's extra_generation_params, in the order it adds them
             ("Batch size", self.batch_size if self.batch_size > 1 else None),

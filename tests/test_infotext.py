@@ -21,7 +21,7 @@ ROUND_TRIPS = {
     "Seed: 4294967295, Size: 640x512",
     "multi-line prompts": "line one\nline two, (detail:1.1)\nNegative prompt: bad\nworse\n"
     "Steps: 20, Sampler: DPM++ SDE, Schedule type: Karras, CFG scale: 6, Seed: 5, Size: 512x512",
-    "seeds and noise": "x\nSteps: 25, Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG scale: 7, "
+    "seeds and noise": "x\nSteps: 25, Sampler: DPM2 a, Schedule type: Exponential, CFG scale: 7, "
     "Seed: 10, Size: 768x512, Variation seed: 77, Variation seed strength: 0.25, Seed resize from: 512x512, "
     "Denoising strength: 0.55, Clip skip: 2, ENSD: 31337, RNG: CPU",
     "quoted values": "x\nSteps: 20, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, Seed: 1, "
@@ -50,7 +50,7 @@ def test_a1111_text_comes_back_unchanged(text: str) -> None:
 def test_what_each_key_sets() -> None:
     params = GenerationParams.from_text(ROUND_TRIPS["seeds and noise"])
     assert (params.sampler, params.schedule, params.seed, params.width, params.height) == (
-        "DPM++ 2M SDE", "Exponential", 10, 768, 512,
+        "DPM2 a", "Exponential", 10, 768, 512,
     )  # fmt: skip
     assert (params.subseed, params.subseed_strength, params.seed_resize_from) == (77, 0.25, (512, 512))
     assert (params.strength, params.clip_skip, params.ensd, params.rng) == (0.55, 2, 31337, "CPU")
@@ -66,6 +66,9 @@ def test_what_each_key_sets() -> None:
     assert (params.s_churn, params.s_tmin, params.s_tmax, params.noise_multiplier) == (0.5, 0.2, 8, 0.9)
     assert params.downcast_alphas and params.old_prompt_editing
     assert GenerationParams.from_text(ROUND_TRIPS["quoted values"]).model == 'odd, name: "v2"'
+    # A1111 names ENSD only for the samplers that use it, with eta not 0 (it is still read)
+    quiet = GenerationParams.from_text(ROUND_TRIPS["defaults"] + ", ENSD: 31337")
+    assert quiet.ensd == 31337 and quiet.to_text() == ROUND_TRIPS["defaults"]
     # 0 is A1111's "the schedule's own"
     text = ROUND_TRIPS["defaults"] + ", Schedule min sigma: 0, Schedule rho: 0"
     assert GenerationParams.from_text(text).sigma_min is None

@@ -263,6 +263,14 @@ class A1111Sampler:
         yield from self.spec.function(model, x, **self.inputs(start, img2img), **extra)
 
 
+def writes_ensd(label: str, eta: float | None) -> bool:
+    """Whether A1111 names ENSD in the infotext of a run (its is_sampler_using_eta_noise_seed_delta): only
+    for the samplers marked as using it, with an eta that is not 0. (It still shifts every sampler's
+    noise draws: DDIM with eta, churn.)"""
+    spec = SAMPLERS.get(label)
+    return spec is not None and spec.uses_ensd and (1.0 if eta is None else eta) != 0
+
+
 def catalogue() -> list[tuple[str, list[str], str | None, str]]:
     """(label, aliases, Automatic's schedule type key or None, what Automatic means) of each A1111 sampler."""
     aliases = {**ALIASES, **TIMESTEPS_ALIASES}
@@ -311,4 +319,5 @@ __all__ = [
     "exact_label",
     "sampler_label",
     "split_schedule",
+    "writes_ensd",
 ]
