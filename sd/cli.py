@@ -554,13 +554,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the model over HTTP (an AUTOMATIC1111-style API)",
         description="""Load the model once and answer HTTP requests, in the shape of AUTOMATIC1111's API:
   POST /sdapi/v1/txt2img   JSON with A1111's fields: prompt, negative_prompt, seed (-1: random), steps,
-                           cfg_scale, sampler_name ("Euler a", "DPM++ 2M" or ours), scheduler ("Karras"),
-                           width, height, batch_size, n_iter, clip_skip (or override_settings)
+                           cfg_scale, sampler_name ("DPM++ 2M", "Euler a", ... or ours), scheduler
+                           ("Karras", ...), width, height, batch_size, n_iter, subseed, subseed_strength,
+                           seed_resize_from_w/h, eta, clip_skip, override_settings (A1111's option names)
   POST /sdapi/v1/img2img   the same, plus init_images (one base64 image) and denoising_strength
   GET  /sdapi/v1/progress  how far the running job is;  POST /sdapi/v1/interrupt stops it
-  GET  /sdapi/v1/samplers, /sdapi/v1/sd-models, /sdapi/v1/options
-Answers hold base64 PNGs with their parameters inside. One job runs at a time; bad requests get
-status 400 and a one-line "detail".""",
+  GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/options
+Images are made A1111's way (its samplers, noise and pixels) unless --way diffusers or a request's
+"way" says otherwise. Answers hold base64 PNGs with their parameters inside. One job runs at a time;
+bad requests get status 400 and a one-line "detail".""",
         epilog="""examples:
   sd serve                                  # http://127.0.0.1:7860, this machine only
   sd serve --ckpt v1-5-pruned-emaonly.safetensors --dtype bf16

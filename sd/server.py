@@ -6,10 +6,12 @@ Clients written for A1111's `/sdapi/v1` routes work unchanged for what SD1.x gen
     POST /sdapi/v1/img2img    {"prompt": ..., "init_images": ["<base64 PNG>"], "denoising_strength": 0.6}
     GET  /sdapi/v1/progress   how far the running job is
     POST /sdapi/v1/interrupt  stop the running job
-    GET  /sdapi/v1/samplers   the sampler names
+    GET  /sdapi/v1/samplers   the sampler names (and /sdapi/v1/schedulers: the schedule types)
     GET  /sdapi/v1/sd-models  the loaded model (and /sdapi/v1/options: its title, as clients read it)
 
-Answers carry base64 PNGs with their generation parameters in the `parameters` text chunk (so
+Images are made A1111's way by default (its samplers, schedules, per-image noise and pixels; a request's
+`"way": "diffusers"` or `sd serve --way diffusers` picks ours). Answers carry base64 PNGs with their
+generation parameters in the `parameters` text chunk (so
 `sd generate --from-png` reproduces them) and an `info` JSON string with the seeds. One job runs at a time
 (one model in memory); the others wait for it. A bad request gets status 400 and a one-line `detail`, never
 a traceback.
