@@ -107,6 +107,15 @@ OPTIONS: dict[str, tuple[type | tuple[type, ...], str]] = {
 # options that describe the server rather than the image: accepted, nothing to do
 HARMLESS_OPTIONS = frozenset({"sd_model_checkpoint", "sd_vae", "samples_format", "save_images"})
 WAYS = ("a1111", "diffusers")
+# Request fields that would change the image in a way we cannot make yet: refused when set.
+UNSUPPORTED_YET = {
+    "enable_hr": "hires fix",
+    "mask": "inpainting",
+    "restore_faces": "face restoration",
+    "tiling": "tiling",
+    "refiner_checkpoint": "a refiner",
+    "alwayson_scripts": "scripts (e.g. ControlNet)",
+}
 
 
 class BadRequestError(ValueError):
@@ -259,6 +268,9 @@ def parse_request(body: dict[str, Any], img2img: bool, way: str = "a1111") -> Re
         sampler, karras = sampler_of(sampler_name, get("scheduler", str) or "automatic")
         params = replace(params, sampler=sampler, karras=karras)
         eta = float(get("eta", (int, float)) or 0.0)
+    for name, feature in UNSUPPORTED_YET.items():  # a wrong image that looks like success is worse
+        if body.get(name):
+            raise BadRequestError(f"{name}: {feature} is not supported yet; leave it out (or false)")
     known_options = set(OPTIONS) | HARMLESS_OPTIONS | {CLIP_SKIP_OPTION}
     unread = set(body) - set(defaults) - {"sampler_index", "override_settings"}
     if way == "diffusers":  # A1111's own fields do nothing there

@@ -186,6 +186,12 @@ BAD_REQUESTS = {
         "scheduler 'Exponential'",
     ),
     "unknown way": ("txt2img", {"way": "comfy"}, "way must be one of a1111, diffusers"),
+    "hires fix": ("txt2img", {"enable_hr": True, "hr_scale": 2}, "enable_hr: hires fix is not supported yet"),
+    "inpainting": (
+        "img2img",
+        {"init_images": [RED_PNG], "mask": RED_PNG},
+        "mask: inpainting is not supported",
+    ),
     "unknown noise source": ("txt2img", {"override_settings": {"randn_source": "TPU"}}, "RNG source"),
     "ENSD not a number": ("txt2img", {"override_settings": {"eta_noise_seed_delta": "x"}}, "must be int"),
     "subseed strength not a number": ("txt2img", {"subseed_strength": "a lot"}, "subseed_strength must be"),
@@ -265,6 +271,25 @@ def test_a1111_seed_fields_and_settings(served):
     assert status == 200 and {"Automatic", "Karras", "Align Your Steps"} <= {s["label"] for s in schedulers}
     status, samplers = call(url, "/sdapi/v1/samplers")
     assert {"DPM++ 2M", "Euler a", "dpmpp_2m"} <= {s["name"] for s in samplers}
+
+
+def test_a_request_as_a1111_clients_send_it(served):
+    """Every field with A1111's defaults, as client libraries (webuiapi, ...) send them."""
+    url, pipe = served
+    request = {
+        "enable_hr": False, "denoising_strength": 0.7, "firstphase_width": 0, "firstphase_height": 0,
+        "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0,
+        "prompt": "a barn", "styles": [], "seed": 6, "subseed": -1, "subseed_strength": 0.0,
+        "seed_resize_from_h": 0, "seed_resize_from_w": 0, "sampler_name": "Euler a", "scheduler": None,
+        "batch_size": 1, "n_iter": 1, "steps": 3, "cfg_scale": 7.0, "restore_faces": False, "tiling": False,
+        "do_not_save_samples": False, "do_not_save_grid": False, "negative_prompt": "", "eta": 1.0,
+        "s_churn": 0, "s_tmax": 0, "s_tmin": 0, "s_noise": 1, "override_settings": {},
+        "override_settings_restore_afterwards": True, "script_args": [], "script_name": None,
+        "sampler_index": "Euler a", "send_images": True, "save_images": False, "alwayson_scripts": {}, **SIZE,
+    }  # fmt: skip
+    status, answer = call(url, "/sdapi/v1/txt2img", request)
+    assert status == 200, answer
+    assert same_pixels(images_of(answer)[0], a1111(pipe, "a barn", steps=3, seed=6, sampler="Euler a")[0])
 
 
 def test_long_prompts_are_whole_and_unapplied_tags_are_reported(served):
