@@ -87,7 +87,7 @@ def save_png(image: Image.Image, path: str | Path | BinaryIO, parameters: str | 
     image.save(path, format="PNG", pnginfo=info)
 
 
-def read_png_parameters(path: str | Path) -> str:
+def read_png_parameters(path: str | Path | BinaryIO) -> str:
     """The `parameters` text of a PNG written by us or A1111-style tools (a NovelAI PNG's settings as A1111
     converts them)."""
     try:

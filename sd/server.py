@@ -24,6 +24,7 @@ import binascii
 import io
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -34,7 +35,8 @@ from typing import Any
 
 from .conditioning import check_emphasis
 from .config import SD15
-from .images import image_from_bytes, save_png
+from .images import image_from_bytes, read_png_parameters, save_png
+from .infotext import parse_infotext
 from .noise import check_source
 from .params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
 from .pipeline import Pipeline, check_settings, check_size, model_calls, new_seed
@@ -174,6 +176,32 @@ def decode_init_image(data: Any):
         return image_from_bytes(raw, "init_images[0]")
     except ValueError as error:
         raise BadRequestError(str(error)) from None
+
+
+def png_info(body: Any) -> dict[str, Any]:
+    """A1111's /sdapi/v1/png-info: the image's infotext, and it parsed as A1111 parses it (WxH values
+    split into key-1 and key-2, "Prompt" and "Negative prompt" keys)."""
+    if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+        raise BadRequestError('png-info needs {"image": <base64 PNG>}')
+    data = body["image"].partition(",")[2] if body["image"].startswith("data:") else body["image"]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError("image is not valid base64") from None
+    try:
+        text = read_png_parameters(io.BytesIO(raw))
+    except ValueError as error:
+        if "no generation parameters" not in str(error):
+            raise BadRequestError(
+                str(error).replace("<_io.BytesIO object", "image").split(" at 0x")[0]
+            ) from None
+        return {"info": "", "items": {}, "parameters": {}}  # as A1111 answers an image without any
+    prompt, negative, settings = parse_infotext(text)
+    parameters: dict[str, Any] = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in settings.items():
+        size = re.fullmatch(r"(\d+)x(\d+)", value)
+        parameters.update({f"{key}-1": size[1], f"{key}-2": size[2]} if size else {key: value})
+    return {"info": text, "items": {"parameters": text}, "parameters": parameters}
 
 
 def _overrides(body: dict[str, Any]) -> dict[str, Any]:
@@ -502,6 +530,7 @@ class Handler(BaseHTTPRequestHandler):
                 parse_request(self._json(), img2img=True, way=self.service.way)
             ),
             "/sdapi/v1/interrupt": self.service.interrupt,
+            "/sdapi/v1/png-info": lambda: png_info(self._json()),
         }
         self._dispatch(routes, "POST")
 
@@ -511,7 +540,8 @@ class Handler(BaseHTTPRequestHandler):
             "model": self.service.pipe.model_name,
             "routes": ["GET /sdapi/v1/progress", "GET /sdapi/v1/samplers", "GET /sdapi/v1/schedulers",
                        "GET /sdapi/v1/sd-models", "GET /sdapi/v1/options",
-                       "POST /sdapi/v1/txt2img", "POST /sdapi/v1/img2img", "POST /sdapi/v1/interrupt"],
+                       "POST /sdapi/v1/txt2img", "POST /sdapi/v1/img2img", "POST /sdapi/v1/interrupt",
+                       "POST /sdapi/v1/png-info"],
         }  # fmt: skip
 
     def _dispatch(self, routes: dict[str, Any], method: str) -> None:

@@ -292,6 +292,25 @@ def test_a_request_as_a1111_clients_send_it(served):
     assert same_pixels(images_of(answer)[0], a1111(pipe, "a barn", steps=3, seed=6, sampler="Euler a")[0])
 
 
+def test_png_info_reads_an_infotext_as_a1111(served):
+    url, _ = served
+    _, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a pier, (fog:1.2)", "negative_prompt": "rain",
+                                                "seed": 12, "steps": 2, **SIZE})  # fmt: skip
+    status, info = call(url, "/sdapi/v1/png-info", {"image": answer["images"][0]})
+    assert status == 200 and info["info"] == images_of(answer)[0].info["parameters"]
+    parameters = info["parameters"]
+    assert (parameters["Prompt"], parameters["Negative prompt"], parameters["Seed"]) == (
+        "a pier, (fog:1.2)", "rain", "12",
+    )  # fmt: skip
+    assert (parameters["Size-1"], parameters["Size-2"], parameters["Sampler"]) == ("64", "64", "DPM++ 2M")
+    assert call(url, "/sdapi/v1/png-info", {"image": RED_PNG}) == (
+        200,
+        {"info": "", "items": {}, "parameters": {}},
+    )
+    status, answer = call(url, "/sdapi/v1/png-info", {"image": NOT_AN_IMAGE})
+    assert status == 400 and "not" in answer["detail"] and "0x" not in answer["detail"]
+
+
 def test_long_prompts_are_whole_and_unapplied_tags_are_reported(served):
     url, _ = served
     status, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "cat " * 100, "steps": 1, **SIZE})
