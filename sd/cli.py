@@ -193,6 +193,39 @@ def lora_dir(args: argparse.Namespace) -> Path | None:
     return _given_folder(args.lora_dir, "--lora-dir", "LoRA", default if default.is_dir() else None)
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def lora_options(args: argparse.Namespace) -> list[tuple[Path, float | tuple[float, float]]]:
+    """--lora FILE[:W] / FILE:TE:UNET (repeatable) as set_loras entries; FILE is a path, or a name in the
+    LoRA folder (as in a <lora:NAME:W> tag). FileNotFoundError before any model is loaded."""
+    from .networks import find_lora
+
+    folder = lora_dir(args)
+    out: list[tuple[Path, float | tuple[float, float]]] = []
+    for text in args.lora or ():
+        parts = text.split(":")
+        numbers: list[float] = []
+        # trailing numbers are strengths; the rest (which may hold ':', e.g. C:\...) is the file
+        while len(parts) > 1 and len(numbers) < 2 and (value := _number(parts[-1])) is not None:
+            numbers.insert(0, value)
+            parts.pop()
+        name = ":".join(parts)
+        path = Path(name).expanduser()
+        if not path.is_file() and folder is not None:
+            path = find_lora(folder, name) or path
+        if not path.is_file():
+            where = f" or in {folder}" if folder is not None else ""
+            raise FileNotFoundError(f"LoRA file not found: {name}{where} (from --lora {text})")
+        weight = (numbers[0], numbers[1]) if len(numbers) == 2 else (numbers[0] if numbers else 1.0)
+        out.append((path, weight))
+    return out
+
+
 def load_pipeline(args: argparse.Namespace):
     """The Pipeline that --ckpt, --device, --dtype, --backend and --vae-tiling ask for (with no
     checkpoint anywhere: the built-in model, said in one line)."""
@@ -264,7 +297,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be at least 1, got {num}")
     # --from-png of one image of a batch: re-run the batch (one shared generator), keep that image.
     keep = [params.batch_pos] if replay_batch and args.num is None and num > 1 else None
+    loras = lora_options(args)
     pipe = load_pipeline(args)
+    if loras:
+        pipe.set_loras(loras)
     if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
         print(f"warning: the PNG was made with model hash {params.model_hash}; this checkpoint's is "
               f"{pipe.model_hash}, so the image will differ", file=sys.stderr)  # fmt: skip
@@ -535,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
     a1111.add_argument("--variation-seed", type=int, metavar="S", help="A1111's variation seed (subseed)")
     a1111.add_argument(
         "--variation-strength", type=float, metavar="F", help="how much of it, 0..1 (default 0)"
+    )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:W]",
+        help="merge a LoRA / LyCORIS file at strength W (default 1), or FILE:TE:UNET for the text encoder "
+        "and U-Net apart; FILE may be a name in --lora-dir; repeatable (prompt tags <lora:NAME:W> add more)",
     )
     gen.add_argument("--from-png", metavar="FILE", help="take the settings from a PNG made by sd (or A1111)")
     gen.add_argument("-o", "--output", metavar="OUT", help="FILE.png or folder (default ./outputs/)")

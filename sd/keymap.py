@@ -728,3 +728,71 @@ def config_from_diffusers(
         raise _refuse("U-Net", f"cross_attention_dim={u.context_dim} but the text encoder width is {c.width}")
     schedule = ScheduleConfig() if scheduler is None else _schedule_from_diffusers(scheduler)
     return ModelConfig(clip=c, vae=v, unet=u, schedule=schedule)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA module names: every name a LoRA file gives one of our modules
+# ---------------------------------------------------------------------------------------------------------
+
+# kohya-ss names are a module path with "." -> "_" after a prefix; peft / diffusers names keep the dots.
+# kohya SD1.x files mostly use the diffusers module paths (sd-scripts trains on a copy of the diffusers
+# U-Net); files extracted from LDM checkpoints use the original ones; both are registered.
+LORA_KOHYA_PREFIXES: dict[str, str] = {"lora_unet_": "diffusion", "lora_te_": "clip", "lora_te1_": "clip"}
+LORA_PEFT_PREFIXES: dict[str, str] = {"unet.": "diffusion", "text_encoder.": "clip"}
+# Old diffusers attention-processor files: the tail of a module path -> what they call that module.
+LORA_ATTN_PROCS_NAMES: tuple[tuple[str, str], ...] = (
+    *((f"{a}.to_{p}", f"{a}.processor.to_{p}_lora") for a in ("attn1", "attn2") for p in "qkv"),
+    ("attn1.to_out.0", "attn1.processor.to_out_lora"),
+    ("attn2.to_out.0", "attn2.processor.to_out_lora"),
+    *((f"self_attn.{p}_proj", f"self_attn.to_{p}_lora") for p in "qkv"),
+    ("self_attn.out_proj", "self_attn.to_out_lora"),
+)
+# Names that only LoRAs of other model families carry: (name prefix, what the file is).
+LORA_OTHER_FAMILY_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("lora_te2_", "an SDXL LoRA (it has a second text encoder, lora_te2_*)"),
+    ("text_encoder_2.", "an SDXL LoRA (it has a second text encoder, text_encoder_2.*)"),
+)
+# Cross-attention context width (attn2.to_k input) and text-encoder width of each family.
+LORA_FAMILY_WIDTHS: dict[int, str] = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+
+
+def _attn_procs_name(path: str) -> str | None:
+    for ours, theirs in LORA_ATTN_PROCS_NAMES:
+        if path.endswith("." + ours):
+            return path[: -len(ours)] + theirs
+    return None
+
+
+def lora_module_names(config: ModelConfig) -> dict[str, tuple[str, str]]:
+    """LoRA module name -> (our component "diffusion" / "clip", our module path), for every module of
+    the U-Net and text encoder that has a weight, in each naming a LoRA file may use."""
+    out: dict[str, tuple[str, str]] = {}
+
+    def add(name: str, target: tuple[str, str]) -> None:
+        if out.setdefault(name, target) != target:  # a layout bug, not a user error
+            raise AssertionError(f"LoRA name {name} means both {out[name]} and {target}")
+
+    keys = diffusers_key_map(config)
+    for d_key, l_key in keys["unet"].items():
+        if not d_key.endswith(".weight"):
+            continue
+        d_path, ours = d_key.removesuffix(".weight"), l_key[len(UNET_PREFIX) :].removesuffix(".weight")
+        target = ("diffusion", ours)
+        for path in (d_path, ours):
+            add("lora_unet_" + path.replace(".", "_"), target)
+        add("unet." + d_path, target)
+        if (old := _attn_procs_name(d_path)) is not None:
+            add("unet." + old, target)
+    for d_key, l_key in keys["text_encoder"].items():
+        if not d_key.endswith(".weight"):
+            continue
+        ours = l_key[len(TEXT_ENCODER_PREFIX) :].removesuffix(".weight")
+        target = ("clip", ours)
+        for prefix in ("lora_te_", "lora_te1_"):
+            add(prefix + ours.replace(".", "_"), target)
+        # transformers >= 5 saves CLIPTextModel paths without the text_model level
+        for path in (ours, ours.removeprefix(TEXT_MODEL_LEVEL)):
+            add("text_encoder." + path, target)
+            if (old := _attn_procs_name(path)) is not None:
+                add("text_encoder." + old, target)
+    return out

@@ -68,6 +68,7 @@ class GenerationParams:
     # Pad the shorter of prompt / negative with the empty prompt's chunks (A1111 "Pad conds"; a PNG says so
     # only when that padded anything).
     pad_conds: bool = False
+    lora_hashes: str | None = None  # "name: hash, ..." of the LoRA files used (written, names the files)
     ti_hashes: str | None = None  # "name: hash, ..." of the embeddings used (written, not needed to replay)
     # A1111's way (its samplers, noise, CFG and pixels: sd.samplers.a1111, sd.noise), else diffusers'.
     a1111: bool = False
@@ -123,6 +124,7 @@ class GenerationParams:
             # then, as A1111's extra_generation_params, in the order it adds them
             ("Batch size", self.batch_size if self.batch_size > 1 else None),
             ("Batch pos", self.batch_pos if self.batch_size > 1 else None),
+            ("Lora hashes", self.lora_hashes),
             ("TI hashes", self.ti_hashes),
             # A1111 names a non-default emphasis only where it can matter: a prompt with brackets.
             ("Emphasis", self.emphasis if self.emphasis != "Original" and emphasised else None),
@@ -199,6 +201,7 @@ class GenerationParams:
                 batch_pos=int(settings.get("Batch pos", 0)),
                 emphasis=settings.get("Emphasis", "Original"),
                 pad_conds=_true(settings.get("Pad conds")),
+                lora_hashes=settings.get("Lora hashes"),
                 ti_hashes=settings.get("TI hashes"),
                 a1111=a1111 is not None,
                 schedule=schedule or "Automatic",
@@ -216,12 +219,10 @@ _HONOURED = frozenset({
     "Variation seed strength", "Seed resize from", "Eta", "Eta DDIM", "Sigma churn", "Sigma tmin",
     "Sigma tmax", "Sigma noise", "Schedule min sigma", "Schedule max sigma", "Schedule rho",
     "Discard penultimate sigma", "Downcast alphas_cumprod", "Old prompt editing timelines",
-    "Noise multiplier", "SGM noise multiplier",
+    "Noise multiplier", "SGM noise multiplier", "Lora hashes",
 })  # fmt: skip
-# (Lora hashes name the files; the prompt's <lora:...> tags are what applies them.)
-_NO_EFFECT = frozenset(
-    {"Model hash", "Model", "Version", "TI hashes", "Lora hashes", "User", "VAE hash", "Init image hash"}
-)
+# (Lora hashes are read to name the files; the prompt's <lora:...> tags are what applies them.)
+_NO_EFFECT = frozenset({"Model hash", "Model", "Version", "TI hashes", "User", "VAE hash", "Init image hash"})
 _NUMBERS = {
     "Eta": "eta", "Eta DDIM": "eta_ddim", "Sigma churn": "s_churn", "Sigma tmin": "s_tmin",
     "Sigma tmax": "s_tmax", "Sigma noise": "s_noise", "Noise multiplier": "noise_multiplier",

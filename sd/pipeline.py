@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,9 +39,10 @@ from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
+from .networks import ActiveLora, LoraCache, WeightMerger, find_lora, lora_hashes
 from .noise import ImageNoise
 from .params import GenerationParams
-from .prompts import extract_networks
+from .prompts import NetworkTag, extract_networks, lora_multipliers
 from .samplers import Sampler, eps_from_v, get_sampler
 from .samplers.a1111 import bind
 from .samplers.lcm import lcm_denoised
@@ -69,6 +70,10 @@ class Step:
 
 
 StepCallback = Callable[[Step], None]
+# A LoRA's strength: one for both models, or (text encoder, U-Net).
+LoraWeight = float | tuple[float, float]
+# The tag kinds A1111's built-in Lora extension answers to ("lyco": the old LyCORIS extension's).
+LORA_TAG_KINDS = ("lora", "lyco")
 
 
 def check_size(width: int | None, height: int | None, multiple: int = 8) -> None:
@@ -144,6 +149,10 @@ class Pipeline:
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
         self.lora_dir: Path | None = None  # where <lora:name:w> tags are looked up
+        self._lora_files = LoraCache()
+        self._lora_merger = WeightMerger(models)
+        self._loras: list[ActiveLora] = []  # set_loras' set; prompt tags add theirs per run
+        self.active_loras: list[ActiveLora] = []  # merged into the weights now
         self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
         if not isinstance(embeddings, Embeddings):
             embeddings = self.load_embeddings(embeddings)
@@ -216,16 +225,53 @@ class Pipeline:
         return PromptEncoder(lambda: self._use("clip"), self.tokenizer, self.embeddings, clip_skip, emphasis,
                              self.comma_backtrack, self.device)  # fmt: skip
 
+    # --- LoRA ---------------------------------------------------------------------------------------
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, LoraWeight]]) -> None:
+        """Merge these LoRA / LyCORIS files into the weights, in order: each `(path, weight)`, the weight a
+        float or a `(text_encoder, unet)` pair (A1111's strengths). `[]` restores the original weights bit
+        for bit. Prompt tags (`<lora:name:w>`) add their files on top for a run. ValueError (one line) for
+        a file that is no LoRA for this model."""
+        entries = []
+        for path, weight in loras:
+            te, unet = (weight, weight) if isinstance(weight, (int, float)) else weight
+            file = self._lora_files.load(path, self.config)
+            entries.append(ActiveLora(file.name, file, float(te), float(unet)))
+        self._apply_loras(entries)
+        self._loras = entries
+
+    def _apply_loras(self, loras: list[ActiveLora]) -> None:
+        try:
+            self._lora_merger.apply(loras)  # the same set again costs nothing
+        except BaseException:
+            self.active_loras = []  # the merger put the original weights back
+            raise
+        self.active_loras = loras
+        self._lora_files.keep_only(a.file for a in [*self._loras, *loras])  # memory: only files in use
+
+    def _tag_loras(self, tags: list[NetworkTag]) -> list[ActiveLora]:
+        """The files the prompt's <lora:...> tags name, found in `lora_dir`; other tags and unknown names
+        are skipped with a warning, as A1111 skips them."""
+        found = []
+        for tag in tags:
+            if tag.kind not in LORA_TAG_KINDS:
+                log.warning("%s: %s networks are not supported yet; the tag is ignored", tag.text, tag.kind)
+                continue
+            te, unet = lora_multipliers(tag)
+            path = find_lora(self.lora_dir, tag.name) if self.lora_dir is not None else None
+            if path is None:
+                where = f"in {self.lora_dir}" if self.lora_dir is not None else "(no LoRA folder: --lora-dir)"
+                log.warning("%s: no LoRA named %r %s; the tag is ignored", tag.text, tag.name, where)
+                continue
+            found.append(ActiveLora(tag.name, self._lora_files.load(path, self.config), te, unet))
+        return found
+
     def condition(self, params: GenerationParams, total_steps: int) -> Conditioning:
         """The run's conditioning over `total_steps` prompt-editing steps: A1111 prompt syntax, any length,
-        embeddings; each distinct text encoded once. <lora:...> tags are taken out of the prompt (not yet
-        applied: a warning says so)."""
+        embeddings; each distinct text encoded once. <lora:...> tags are taken out of the prompt and their
+        files merged (after `set_loras`' set) before the text encoder runs, as A1111 does."""
         prompt, tags = extract_networks(params.prompt)
-        for tag in tags:
-            where = f" (from {self.lora_dir})" if tag.kind == "lora" and self.lora_dir else ""
-            log.warning(
-                "%s: %s networks are not supported yet%s; the tag is ignored", tag.text, tag.kind, where
-            )
+        self._apply_loras([*self._loras, *self._tag_loras(tags)])
         encoder = self.prompt_encoder(params.clip_skip, params.emphasis)
         conditioning = condition(encoder, prompt, params.negative_prompt, total_steps, params.pad_conds,
                                  old_scheduling=params.old_prompt_editing)  # fmt: skip
@@ -325,7 +371,7 @@ class Pipeline:
         latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image)
         pixels = self.decode(latents, truncate=params.a1111)
         params = replace(params, ti_hashes=ti_hashes(conditioning.embeddings), pad_conds=guidance.padded,
-                         unhonoured=(), **resolved)  # fmt: skip
+                         lora_hashes=lora_hashes(self.active_loras), unhonoured=(), **resolved)  # fmt: skip
         return [
             self._with_params(Image.fromarray(p), self._image_params(params, i, num_images))
             for i, p in enumerate(pixels)

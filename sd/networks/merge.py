@@ -1,0 +1,104 @@
+"""Networks merged into the models' weights, as A1111 applies LoRA: W = W0 + sum_i m_i * dW_i.
+
+The first time a weight is touched a copy of it is kept (on the CPU); every later set is computed from that
+copy, and a layer no set touches any more gets its copy written back, so removing every network restores
+the original weights bit for bit. Applying the set that is already merged does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .deltas import delta_weight, dora
+from .lora import LoraFile
+
+
+@dataclass(frozen=True)
+class ActiveLora:
+    """One file of a set, with its strengths and the name it was asked for by (a tag's, or the stem)."""
+
+    name: str
+    file: LoraFile
+    te: float = 1.0
+    unet: float = 1.0
+
+    def multiplier(self, component: str) -> float:
+        return self.te if component == "clip" else self.unet
+
+
+class WeightMerger:
+    """Merges LoRA sets into `models` ({"clip": ..., "diffusion": ...}) in place."""
+
+    def __init__(self, models: Mapping[str, nn.Module]):
+        self.models = models
+        self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (component, module) -> W0 copy
+        self._merged: tuple = ()
+
+    @property
+    def touched(self) -> int:
+        """How many weights currently differ from (or were written over) their originals."""
+        return len(self._originals)
+
+    def _weight(self, component: str, module: str) -> torch.Tensor:
+        try:
+            weight = self.models[component].get_submodule(module).weight
+        except (AttributeError, KeyError):
+            raise ValueError(f"the {component} model has no layer {module} to merge a LoRA into (LoRA needs "
+                             "the torch backend's modules)") from None  # fmt: skip
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"the {component} layer {module} has no weight tensor to merge a LoRA into")
+        return weight
+
+    def apply(self, loras: Sequence[ActiveLora]) -> None:
+        """Make the weights W0 + the set's deltas (files in order); [] restores the originals.
+
+        On an error (a file that does not fit the model) the originals are restored and it is raised.
+        """
+        key = tuple((a.file.stamp, a.te, a.unet) for a in loras)
+        if key == self._merged:
+            return
+        try:
+            self._merge(loras)
+        except BaseException:
+            self.restore()
+            raise
+        self._merged = key
+
+    def restore(self) -> None:
+        """Write every kept original back (bit-exact) and forget them."""
+        with torch.no_grad():
+            for (component, module), original in self._originals.items():
+                self._weight(component, module).copy_(original)
+        self._originals.clear()
+        self._merged = ()
+
+    def _merge(self, loras: Sequence[ActiveLora]) -> None:
+        targets: dict[tuple[str, str], list[tuple[ActiveLora, dict[str, torch.Tensor], float]]] = {}
+        for lora in loras:
+            for m in lora.file.modules:
+                multiplier = lora.multiplier(m.component)
+                if multiplier:  # strength 0 leaves the layer exactly as it is
+                    targets.setdefault((m.component, m.module), []).append((lora, m.tensors, multiplier))
+        with torch.no_grad():
+            for target in [t for t in self._originals if t not in targets]:
+                self._weight(*target).copy_(self._originals.pop(target))
+            for target, parts in targets.items():
+                weight = self._weight(*target)
+                original = self._originals.get(target)
+                if original is None:
+                    original = self._originals[target] = weight.detach().to("cpu", copy=True)
+                merged = original.to(torch.float32)
+                for lora, tensors, multiplier in parts:
+                    try:
+                        delta = delta_weight(tensors, original.shape)
+                    except ValueError as error:
+                        raise ValueError(f"{lora.file.path}: layer {target[1]}: {error} (a LoRA for another "
+                                         "model?)") from None  # fmt: skip
+                    if "dora_scale" in tensors:  # A1111: DoRA's rescaling first, then the multiplier
+                        delta = dora(delta, merged, tensors["dora_scale"])
+                    merged = merged + delta * multiplier
+                weight.copy_(merged.to(weight.dtype))
