@@ -374,24 +374,21 @@ def test_errors_name_what_a_file_is(tiny, ours, tmp_path, caplog) -> None:
                "lora_unet_nowhere_9.lora_up.weight": torch.zeros(4, 2)}, str(nothing))  # fmt: skip
     with pytest.raises(ValueError, match=r"no key names a module of this SD1\.x U-Net or text encoder"):
         ours.set_loras([(nothing, 1.0)])
-    sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 1280),
-               "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 2)},
-              str(sdxl))  # fmt: skip
-    with pytest.raises(ValueError, match="an SDXL LoRA"):
-        ours.set_loras([(sdxl, 1.0)])
-    sd2 = tmp_path / "sd2.safetensors"
-    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
-    save_file({f"{name}.lora_down.weight": torch.zeros(2, 1024),
-               f"{name}.lora_up.weight": torch.zeros(320, 2)}, str(sd2))  # fmt: skip
-    with pytest.raises(ValueError, match=r"an SD2\.x LoRA \(1024-wide cross-attention input"):
-        ours.set_loras([(sd2, 1.0)])
-    wrong_shape = tmp_path / "big.safetensors"
-    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    save_file({f"{name}.lora_down.weight": torch.zeros(2, 320),
-               f"{name}.lora_up.weight": torch.zeros(320, 2)}, str(wrong_shape))  # fmt: skip
-    with pytest.raises(ValueError, match=r"layer input_blocks\.1\.1\.proj_in: its lora weights make"):
-        ours.set_loras([(wrong_shape, 1.0)])
+    attn, proj = (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+        "lora_unet_down_blocks_0_attentions_0_proj_in",
+    )
+    refused = {
+        "sdxl": ("lora_te2_text_model_encoder_layers_0_mlp_fc1", (2, 1280), (5120, 2), "an SDXL LoRA"),
+        "sd2": (attn, (2, 1024), (320, 2), r"an SD2\.x LoRA \(1024-wide cross-attention input"),
+        "big": (proj, (2, 320), (320, 2), r"layer input_blocks\.1\.1\.proj_in: its lora weights make"),
+    }
+    for file_name, (name, down, up, message) in refused.items():
+        path = tmp_path / f"{file_name}.safetensors"
+        save_file({f"{name}.lora_down.weight": torch.zeros(down), f"{name}.lora_up.weight": torch.zeros(up)},
+                  str(path))  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ours.set_loras([(path, 1.0)])
     assert ours._lora_merger.touched == 0  # a failed set leaves the originals in place
 
     partial = tmp_path / "partial.safetensors"
