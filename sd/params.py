@@ -98,6 +98,14 @@ class GenerationParams:
     # other features), named once when an image is replayed.
     unhonoured: tuple[str, ...] = ()
 
+    def a1111_image(self, index: int, wrap: int | None = None) -> GenerationParams:
+        """The parameters A1111 gives image `index` of a run: seed + index (with a variation seed, every
+        image keeps the seed and takes subseed + index); modulo `wrap` when given (A1111 does not wrap)."""
+        if self.subseed_strength:
+            subseed = (self.subseed or 0) + index
+            return replace(self, subseed=subseed % wrap if wrap else subseed)
+        return replace(self, seed=(self.seed + index) % wrap if wrap else self.seed + index)
+
     def to_text(self) -> str:
         """The infotext, keys in A1111's order (sd.infotext); A1111 reads ours back to the same settings."""
         a1111 = self.a1111

@@ -382,10 +382,7 @@ class Pipeline:
         """The parameters image `index` of a batch of `count` is replayed from, alone."""
         if not params.a1111:  # diffusers' way: one generator for the batch, so the batch and a position
             return replace(params, batch_size=count, batch_pos=index)
-        # A1111's way: each image is its own seed (or, with a variation, its own subseed), as A1111 writes
-        if params.subseed_strength:
-            return replace(params, subseed=(params.subseed or 0) + index)
-        return replace(params, seed=params.seed + index)
+        return params.a1111_image(index)  # A1111's way: each image its own seed (or subseed), as A1111 writes
 
     def _sample_diffusers(self, params, shape, eta, callback, image):
         """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order."""
@@ -416,10 +413,8 @@ class Pipeline:
         if isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp:
             cfg_scale *= CFGPP_SCALE  # DDIM CFG++ guides at a fraction of the scale (the PNG keeps the scale)
         guidance = Guidance(conditioning, cfg_scale, a1111=True)
-        # A1111 gives every image of a variation-seed batch the same seed (and numbered subseeds).
-        numbered = [params.seed + i for i in range(shape[0])]
-        seeds = numbered if not params.subseed_strength else [params.seed] * shape[0]
-        subseeds = [(params.subseed or 0) + i for i in range(shape[0])]
+        images = [params.a1111_image(i) for i in range(shape[0])]
+        seeds, subseeds = [p.seed for p in images], [p.subseed or 0 for p in images]
         noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,
                            params.seed_resize_from, params.ensd)  # fmt: skip
         x = noise.next().to(self.device)

@@ -163,15 +163,20 @@ def sampler_of(name: str, scheduler: str) -> tuple[str, bool]:
     return A1111_SAMPLER_NAMES.get(lowered, lowered), karras
 
 
+def _base64(data: str, label: str) -> bytes:
+    """The bytes of base64 text or a data URL (data:image/png;base64,....)."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequestError(f"{label} is not valid base64") from None
+
+
 def decode_init_image(data: Any):
     if not isinstance(data, str):
         raise BadRequestError("init_images must be a list of base64-encoded images")
-    if data.startswith("data:"):  # a data URL: data:image/png;base64,....
-        data = data.partition(",")[2]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequestError("init_images[0] is not valid base64") from None
+    raw = _base64(data, "init_images[0]")
     try:
         return image_from_bytes(raw, "init_images[0]")
     except ValueError as error:
@@ -183,11 +188,7 @@ def png_info(body: Any) -> dict[str, Any]:
     split into key-1 and key-2, "Prompt" and "Negative prompt" keys)."""
     if not isinstance(body, dict) or not isinstance(body.get("image"), str):
         raise BadRequestError('png-info needs {"image": <base64 PNG>}')
-    data = body["image"].partition(",")[2] if body["image"].startswith("data:") else body["image"]
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadRequestError("image is not valid base64") from None
+    raw = _base64(body["image"], "image")
     try:
         text = read_png_parameters(io.BytesIO(raw))
     except ValueError as error:
@@ -478,11 +479,7 @@ def _batch_params(request: Request, iteration: int) -> GenerationParams:
     params = request.params
     if not params.a1111:  # a seed per batch: seed, seed + 1, ... (one generator per batch)
         return replace(params, seed=(params.seed + iteration) % 2**32)
-    # A1111 numbers every image: seed + i over all batches (with a variation: the subseeds)
-    offset = iteration * request.batch_size
-    if params.subseed_strength:
-        return replace(params, subseed=((params.subseed or 0) + offset) % 2**32)
-    return replace(params, seed=(params.seed + offset) % 2**32)
+    return params.a1111_image(iteration * request.batch_size, wrap=2**32)  # every image of the request
 
 
 class _WarningCollector(logging.Handler):
