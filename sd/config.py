@@ -111,6 +111,8 @@ class ModelConfig:
 
 
 SD15 = ModelConfig()
+# sd-v1-5-inpainting: the U-Net also takes the mask and the masked image's latents (4 + 1 + 4 channels).
+SD15_INPAINTING = ModelConfig(unet=UNetConfig(in_channels=9))
 
 # Same code, toy sizes: every structural feature of SD1.5 (4 VAE levels, 8x downscale, attention at
 # some U-Net levels but not the last, channel changes, skip convs) is kept so tests cover the real paths.

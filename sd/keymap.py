@@ -714,11 +714,12 @@ def config_from_diffusers(
     u = _unet_from_diffusers(unet)
     v = _vae_from_diffusers(vae)
     c = _clip_from_transformers(text_encoder)
-    if u.in_channels != v.latent_channels:
+    # The inpainting U-Net takes latents, mask and masked-image latents (2 * latent + 1 channels).
+    if u.in_channels not in (v.latent_channels, 2 * v.latent_channels + 1):
         raise _refuse(
             "U-Net",
             f"in_channels={u.in_channels} but the VAE latent has {v.latent_channels} channels "
-            "(inpainting / image-conditioned U-Nets are not supported)",
+            "(only plain and inpainting U-Nets are supported)",
         )
     if u.out_channels != v.latent_channels:
         raise _refuse(

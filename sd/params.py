@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from .infotext import backcompat, format_infotext, parse_infotext, parse_version
 from .samplers.a1111 import exact_label as a1111_label
 from .samplers.a1111 import split_schedule, writes_ensd
+from .inpaint import INFOTEXT_KEYS as INPAINT_KEYS
+from .inpaint import InpaintSettings
 from .samplers.sigmas import SCHEDULE_TYPES
 
 A1111_SAMPLER_NAMES = {
@@ -93,6 +95,9 @@ class GenerationParams:
     old_prompt_editing: bool = False  # prompt-editing steps as A1111 before v1.6 counted them
     noise_multiplier: float = 1.0  # img2img: A1111's initial_noise_multiplier
     sgm_noise: bool = False  # txt2img noise scaled by sqrt(1 + sigma_max^2) (A1111's sgm_noise_multiplier)
+    # Inpainting's mask controls (sd.inpaint); None: no mask. The mask itself is in no PNG.
+    inpaint: InpaintSettings | None = None
+    nine_channel: bool = False  # made with an inpainting U-Net (A1111 writes its conditional mask weight)
 
     # Settings keys of an infotext that were read but cannot change what we make (written by A1111 for
     # other features), named once when an image is replayed.
@@ -129,6 +134,7 @@ class GenerationParams:
             ("Clip skip", self.clip_skip if self.clip_skip != 1 else None),
             ("ENSD", self.ensd if a1111 and self.ensd and writes_ensd(self.sampler, self.eta) else None),
             ("RNG", self.rng if a1111 and self.rng != "GPU" else None),
+            *(self.inpaint.infotext(self.nine_channel) if self.inpaint is not None else []),
             # then, as A1111's extra_generation_params, in the order it adds them
             ("Batch size", self.batch_size if self.batch_size > 1 else None),
             ("Batch pos", self.batch_pos if self.batch_size > 1 else None),
@@ -213,7 +219,10 @@ class GenerationParams:
                 ti_hashes=settings.get("TI hashes"),
                 a1111=a1111 is not None,
                 schedule=schedule or "Automatic",
-                unhonoured=tuple(k for k in settings if k not in _HONOURED and k not in _NO_EFFECT),
+                inpaint=InpaintSettings.from_infotext(settings),
+                unhonoured=tuple(
+                    k for k in settings if k not in _HONOURED and k not in _NO_EFFECT and k not in INPAINT_KEYS
+                ),
                 **extra,
             )
         except (ValueError, TypeError) as error:

@@ -38,6 +38,8 @@ from .decoder import decode_in_tiles
 from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
+from .inpaint import DEFAULT_FILL, DEFAULT_MASK_BLUR, DEFAULT_PADDING, InpaintSettings
+from .inpaint_sampling import InpaintJob, is_inpainting_model
 from .models import config_of
 from .networks import ActiveLora, LoraCache, WeightMerger, find_lora, lora_hashes
 from .noise import ImageNoise
@@ -282,8 +284,13 @@ class Pipeline:
     def encode_image(self, image: Image.Image, generator: torch.Generator | None) -> torch.Tensor:
         """Scaled latents of `image`, sampled from the VAE's distribution with `generator` (its mean for
         None)."""
+        return self.encode_pixels(pil_to_tensor(image), generator)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """`encode_image` for (1, 3, H, W) pixels in [-1, 1]."""
         encoder = self._use("encoder")
-        pixels = pil_to_tensor(image).to(self.device, dtype_of(encoder))
+        pixels = pixels.to(self.device, dtype_of(encoder))
         with large_buffers_from_kernel():  # the VAE's few huge activations would fragment the heap
             posterior = encoder.encode(pixels)
             latents = posterior.mean if generator is None else posterior.sample(generator)
@@ -325,13 +332,15 @@ class Pipeline:
         sampler: Sampler,
         generator: torch.Generator,
         start: int = 0,
+        job: InpaintJob | None = None,
     ) -> Iterator[Step]:
         """Run `sampler` from model call `start`, yielding a Step after each call (the last: the result)."""
         unet = self._use("diffusion")
         dtype = dtype_of(unet)
 
         def model(x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return unet(x.to(dtype), context.to(dtype), t).to(x.dtype)
+            x_in = job.unet_input(x) if job is not None else x
+            return unet(x_in.to(dtype), context.to(dtype), t).to(x.dtype)
 
         # Grad mode is switched off inside eps() only: a `with` around the yields would leak into the
         # caller's code between steps.
@@ -358,6 +367,7 @@ class Pipeline:
         eta: float,
         callback: StepCallback | None,
         image: Image.Image | None = None,
+        job: InpaintJob | None = None,
     ) -> list[Image.Image]:
         check_size(params.width, params.height, self.config.vae.downscale)
         check_settings(params.steps, params.cfg_scale, params.strength)
@@ -367,13 +377,16 @@ class Pipeline:
             image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
         down = self.config.vae.downscale
         shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
+        if job is None and is_inpainting_model(self.config.unet.in_channels):
+            job = InpaintJob(InpaintSettings(), None, nine=True)  # txt2img / img2img as A1111: a mask of ones
         run = self._sample_a1111 if params.a1111 else self._sample_diffusers
-        latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image)
+        latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image, job)
         pixels = self.decode(latents, truncate=params.a1111)
         params = replace(params, ti_hashes=ti_hashes(conditioning.embeddings), pad_conds=guidance.padded,
                          lora_hashes=lora_hashes(self.active_loras), unhonoured=(), **resolved)  # fmt: skip
+        finish = job.finish if job is not None else (lambda im: im)
         return [
-            self._with_params(Image.fromarray(p), self._image_params(params, i, num_images))
+            finish(self._with_params(Image.fromarray(p), self._image_params(params, i, num_images)))
             for i, p in enumerate(pixels)
         ]
 
@@ -384,28 +397,45 @@ class Pipeline:
             return replace(params, batch_size=count, batch_pos=index)
         return params.a1111_image(index)  # A1111's way: each image its own seed (or subseed), as A1111 writes
 
-    def _sample_diffusers(self, params, shape, eta, callback, image):
+    def _sample_diffusers(self, params, shape, eta, callback, image, job=None):
         """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order."""
         sampler = get_sampler(params.sampler, params.steps, self.config.schedule, params.karras, eta)
         generator = torch.Generator("cpu").manual_seed(params.seed)
         conditioning = self.condition(params, sampler.num_steps * sampler.order)
         guidance = Guidance(conditioning, params.cfg_scale)
         start = 0
+        masked = job is not None and job.masked
         if image is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
             latents = noise.to(self.device) * sampler.init_noise_sigma
+            if job is not None:
+                job.condition(self, None, shape, generator, a1111=False)
         else:
             start = sampler.start_index(params.strength)
-            clean = self.encode_image(image, generator).float().expand(shape[0], -1, -1, -1)
+            # diffusers' inpainting at full strength starts from pure noise, and encodes the init image
+            # (first) only when it is needed: a 4-channel model's blend, or a strength below 1.
+            full = masked and params.strength >= 1.0
+            clean = None
+            if not (full and job.nine):
+                clean = self.encode_image(image, generator).float().expand(shape[0], -1, -1, -1)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-            latents = sampler.add_noise(clean, noise, start)
+            if job is not None:
+                job.condition(self, image, shape, generator, a1111=False)
+                seed = params.seed
+                clean = job.fill_latents(clean, lambda: torch.randn(
+                    shape, generator=torch.Generator().manual_seed(seed)))  # fmt: skip
+                job.clean, job.noise = clean, noise
+            latents = noise * sampler.init_noise_sigma if full else sampler.add_noise(clean, noise, start)
+        blend = masked and not job.nine
         step = None
-        for step in self.denoise(latents, guidance, sampler, generator, start):
+        for step in self.denoise(latents, guidance, sampler, generator, start, job):
+            if blend:
+                job.blend_diffusers(step.latents, sampler, step.index)
             if callback is not None:
                 callback(step)
         return step.latents, conditioning, guidance, {}
 
-    def _sample_a1111(self, params, shape, eta, callback, image):
+    def _sample_a1111(self, params, shape, eta, callback, image, job=None):
         """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image."""
         sampler = bind_a1111_sampler(params, self.config.schedule)
         conditioning = self.condition(params, sampler.total_steps)
@@ -418,16 +448,28 @@ class Pipeline:
         noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,
                            params.seed_resize_from, params.ensd)  # fmt: skip
         x = noise.next().to(self.device)
+        masked = job is not None and job.masked
         if isinstance(sampler, TimestepsSampler):
-            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image)
+            if masked:
+                raise ValueError(f"inpainting in A1111's way takes the k-diffusion samplers, not {sampler.label}")
+            if job is not None:
+                job.condition(self, image, shape, None, a1111=True)
+            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image, job)
         start = 0
         if image is None:
             x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
+            if job is not None:
+                job.condition(self, None, shape, None, a1111=True)
         else:
             # A1111 samples the VAE posterior from an RNG the seed does not control: the mean is the
             # reproducible part of it.
             start = sampler.img2img_start(params.strength)
             clean = self.encode_image(image, None).float().expand(shape[0], -1, -1, -1)
+            if job is not None:
+                job.condition(self, image, shape, None, a1111=True)
+                # A1111's "latent noise": the images' seeds' first noise, drawn on its own
+                clean = job.fill_latents(clean, lambda: ImageNoise(shape[1:], seeds, params.rng).next())
+                job.clean = clean
             x = clean + x * params.noise_multiplier * sampler.sigmas[start]
 
         unet = self._use("diffusion")
@@ -443,7 +485,10 @@ class Pipeline:
             c_in = 1 / (sigma**2 + 1) ** 0.5
             t = sampler.table.sigma_to_t(sigma)
             timestep[0] = float(t)
-            out = unet((x_in * c_in).to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
+            scaled = x_in * c_in
+            if job is not None:
+                scaled = job.unet_input(scaled)
+            out = unet(scaled.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
             if lcm:
                 return lcm_denoised(x_in, x_in + out * -sigma, t)
             if v_prediction:
@@ -452,7 +497,8 @@ class Pipeline:
 
         @torch.no_grad()
         def model(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return guidance(denoised, x_in, sigma)
+            out = guidance(denoised, x_in, sigma)
+            return job.blend_x0(out) if masked else out
 
         total = sampler.calls(start)
         latents = x
@@ -460,10 +506,12 @@ class Pipeline:
             if callback is not None:
                 callback(Step(index, total, timestep[0], latents))
         self._release("diffusion")
+        if masked:  # and once more after sampling (StableDiffusionProcessingImg2Img.sample)
+            latents = job.blend_x0(latents)
         # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
         return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
 
-    def _sample_timesteps(self, sampler, params, x, noise, guidance, conditioning, callback, image):
+    def _sample_timesteps(self, sampler, params, x, noise, guidance, conditioning, callback, image, job=None):
         """A1111's own DDIM, PLMS and UniPC: CFG on the U-Net's eps at (integer or continuous) timesteps."""
         start = 0
         if image is None:
@@ -480,7 +528,8 @@ class Pipeline:
 
         def eps(x_in: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep[0] = float(t)
-            out = unet(x_in.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
+            x_unet = job.unet_input(x_in) if job is not None else x_in
+            out = unet(x_unet.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
             if v_prediction:  # A1111's CompVisTimestepsVDenoiser, at the truncated timestep
                 a = alphas[t.long()].to(x_in)
                 return a.sqrt() * out + (1 - a).sqrt() * x_in
@@ -518,8 +567,11 @@ class Pipeline:
         num_images: int = 1,
         eta: float = 0.0,
         callback: StepCallback | None = None,
+        mask: Image.Image | np.ndarray | torch.Tensor | str | Path | None = None,
+        composite: bool = True,
     ) -> list[Image.Image]:
-        """Images for a whole `GenerationParams` (e.g. read back from a PNG); img2img when `image` is given.
+        """Images for a whole `GenerationParams` (e.g. read back from a PNG); img2img when `image` is given,
+        inpainting when `mask` is too (its controls: `params.inpaint`; see `inpaint`).
 
         Unset sizes (None) become the model's own (txt2img) or the image's rounded down to a multiple of
         the VAE's downscale (img2img, as diffusers does)."""
@@ -532,7 +584,26 @@ class Pipeline:
             down = self.config.vae.downscale
             width = params.width or image.width - image.width % down
             height = params.height or image.height - image.height % down
+        if mask is not None:
+            return self._inpaint(params, image, mask, num_images, eta, callback, composite)
         return self._run(replace(params, width=width, height=height), num_images, eta, callback, image)
+
+    def _inpaint(self, params, image, mask, num_images, eta, callback, composite) -> list[Image.Image]:
+        from .inpaint import load_mask, prepare
+
+        settings = params.inpaint or InpaintSettings()
+        down = self.config.vae.downscale
+        if settings.inpaint_full_res:  # the crop is worked on at the model's size unless told
+            width, height = params.width or self.native_size, params.height or self.native_size
+        else:
+            width = params.width or image.width - image.width % down
+            height = params.height or image.height - image.height % down
+        check_size(width, height, down)
+        nine = is_inpainting_model(self.config.unet.in_channels)
+        prepared = prepare(image, load_mask(mask), width, height, settings)
+        job = InpaintJob(settings, prepared, nine=nine, composite=composite)
+        params = replace(params, width=width, height=height, inpaint=settings, nine_channel=nine)
+        return self._run(params, num_images, eta, callback, prepared.image, job)
 
     def txt2img(
         self,
@@ -581,6 +652,96 @@ class Pipeline:
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, strength, clip_skip)  # fmt: skip
         return self.run(params, image, num_images, eta, callback)
+
+
+    def inpaint(
+        self,
+        image: Image.Image,
+        mask: Image.Image | np.ndarray | torch.Tensor | str | Path | None,
+        prompt: str,
+        negative_prompt: str = "",
+        strength: float = 0.75,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int = 25,
+        cfg_scale: float = 7.5,
+        sampler: str = "dpmpp_2m",
+        karras: bool = False,
+        eta: float = 0.0,
+        seed: int | None = None,
+        num_images: int = 1,
+        clip_skip: int = 1,
+        callback: StepCallback | None = None,
+        mask_blur: int | None = DEFAULT_MASK_BLUR,
+        mask_blur_x: int | None = None,
+        mask_blur_y: int | None = None,
+        inpainting_fill: int | str = DEFAULT_FILL,
+        inpaint_full_res: bool = False,
+        inpaint_full_res_padding: int = DEFAULT_PADDING,
+        inpainting_mask_invert: bool | int = False,
+        inpainting_mask_weight: float = 1.0,
+        composite: bool = True,
+        a1111: bool = False,
+    ) -> list[Image.Image]:
+        """Repaint the white part of `mask` (a file, PIL image or array; None: the image's transparent
+        part). Keywords as `img2img`, plus A1111's mask controls under its API names (defaults: its UI's):
+        `mask_blur` (or `mask_blur_x`/`_y`), `inpainting_fill` 0..3 or "fill" / "original" / "latent noise"
+        / "latent nothing", `inpaint_full_res` ("only masked": the crop around the mask, padded by
+        `inpaint_full_res_padding`, is worked on at width x height, default the model's size, and pasted
+        back), `inpainting_mask_invert`, `inpainting_mask_weight` (9-channel models). Outside the mask the
+        result keeps the input's pixels (`composite=False`: the decoded image as diffusers returns it).
+        Any SD1.5 model: a 4-channel one blends the known latents each step, the inpainting model takes the
+        mask as input. `a1111=True`: A1111's sampling (sampler names as A1111's). An empty mask is a plain
+        img2img (with a warning), as A1111 does under "only masked"."""
+        from .inpaint import fill_mode, mask_from_alpha
+
+        if mask is None:
+            mask = mask_from_alpha(image)
+            if mask is None:
+                raise ValueError("inpaint needs a mask (white = repaint), or an image with transparent areas")
+        seed = new_seed() if seed is None else seed
+        blur = 0 if mask_blur is None else mask_blur
+        settings = InpaintSettings(
+            mask_blur_x=blur if mask_blur_x is None else mask_blur_x,
+            mask_blur_y=blur if mask_blur_y is None else mask_blur_y,
+            inpainting_fill=fill_mode(inpainting_fill),
+            inpaint_full_res=bool(inpaint_full_res),
+            inpaint_full_res_padding=int(inpaint_full_res_padding),
+            inpainting_mask_invert=bool(inpainting_mask_invert),
+            mask_weight=inpainting_mask_weight,
+        )
+        params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
+                                  width, height, strength, clip_skip, inpaint=settings, a1111=a1111)  # fmt: skip
+        return self.run(params, image, num_images, eta, callback, mask=mask, composite=composite)
+
+    def outpaint(
+        self,
+        image: Image.Image,
+        prompt: str,
+        left: int = 0,
+        right: int = 0,
+        top: int = 0,
+        bottom: int = 0,
+        strength: float = 1.0,
+        mask_blur: int = DEFAULT_MASK_BLUR,
+        inpainting_fill: int | str = 0,
+        **kwargs,
+    ) -> list[Image.Image]:
+        """Extend `image` by `left`/`right`/`top`/`bottom` pixels: the new area is painted (as A1111's
+        outpainting script: "fill" content, the mask reaching twice `mask_blur` into the image so the seam
+        blends there); the image itself is kept pixel for pixel. Other keywords as `inpaint`."""
+        from .inpaint import outpaint_canvas
+
+        down = self.config.vae.downscale
+        job = outpaint_canvas(to_rgb(image), left, right, top, bottom, overlap=2 * mask_blur, multiple=down)
+        images = self.inpaint(job.canvas, job.mask, prompt, strength=strength, mask_blur=mask_blur,
+                              inpainting_fill=inpainting_fill, **kwargs)  # fmt: skip
+        out = []
+        for im in images:
+            cropped = im.crop(job.box) if job.box != (0, 0, *im.size) else im
+            cropped.info.update(im.info)
+            out.append(cropped)
+        return out
 
 
 def generate(

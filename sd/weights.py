@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .allocator import tune_malloc
-from .config import SD15, ModelConfig, ScheduleConfig
+from .config import SD15, SD15_INPAINTING, ModelConfig, ScheduleConfig
 from .keymap import (
     LDM_COMPONENT_PREFIXES,
     LDM_SCHEDULE_BUFFERS,
@@ -720,7 +720,7 @@ def _open_diffusers(path: str) -> _Source:
         if (folder / comp / "config.json").is_file():
             configs[comp] = _read_json(folder / comp / "config.json")
     family = _diffusers_family(index, configs)
-    if family != "SD1.x":
+    if family not in ("SD1.x", "SD1.x inpainting"):
         raise CheckpointError(
             f"{path}: this is {_article(family)} {family} diffusers folder; {SUPPORTED}", family=family
         )
@@ -893,6 +893,8 @@ def _identify(shapes: Mapping[str, tuple[int, ...]]) -> _Family:
     has_clip = first(lambda k: k.startswith(TEXT_ENCODER_PREFIX)) is not None
     has_vae = first(lambda k: k.startswith(VAE_PREFIX)) is not None
     if has_unet or (has_clip and has_vae):
+        if in_channels == 9:
+            return _Family("SD1.x inpainting")  # latents, mask, masked-image latents (sd.inpaint_sampling)
         if in_channels is not None and in_channels != 4:
             name = {9: "SD1.x inpainting", 8: "SD1.x InstructPix2Pix"}.get(
                 in_channels, f"SD1.x {in_channels}-channel"
@@ -1041,7 +1043,17 @@ def _plan(source: _Source, config: ModelConfig, use_ema: bool = True) -> _Plan:
     return _Plan(config, tensors, ema_used)
 
 
+def _default_config(source: _Source) -> ModelConfig:
+    """SD1.5 for a file that stores no config; SD1.5 inpainting for one whose U-Net takes 9 channels."""
+    unet_in = source.entries.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if unet_in is not None and len(unet_in.shape) == 4 and unet_in.shape[1] == 9:
+        return SD15_INPAINTING
+    return SD15
+
+
 def _config_name(config: ModelConfig) -> str:
+    if config == SD15_INPAINTING:
+        return "SD1.5 inpainting"
     return "SD1.5" if config == SD15 else "custom-size SD1.x"
 
 
@@ -1125,7 +1137,7 @@ def load_models(
     if torch.device(device).type == "cpu":
         tune_malloc()  # before the weights: they are allocated once, the activations every step
     source = _open(path)
-    plan = _plan(source, config or source.config or SD15, use_ema)
+    plan = _plan(source, config or source.config or _default_config(source), use_ema)
     del source  # the plan's entries hold what is needed; the file mapping goes when they do
     built = build_models(plan.config, device="meta", dtype=dtype)
     models = {name: built[name] for name in components}
@@ -1304,7 +1316,7 @@ def describe(path: str | os.PathLike, *, config: ModelConfig | None = None) -> C
     info.components = _component_counts(source)
     info.ema = any(k.startswith(EMA_PREFIX) and k not in IGNORED_KEYS for k in source.entries)
     info.family = _identify({k: e.shape for k, e in source.entries.items()}).name
-    chosen = config or source.config or SD15
+    chosen = config or source.config or _default_config(source)
     origin = "given" if config else f"from {source.config_origin}" if source.config else "default"
     predicts = "v" if chosen.schedule.prediction_type == "v_prediction" else "noise"
     info.config = f"{_config_name(chosen)} ({origin}): {chosen.native_size} px images, predicts {predicts}"

@@ -1,0 +1,244 @@
+"""Inpainting and outpainting: against diffusers' StableDiffusionInpaintPipeline (random tiny weights, 4- and
+9-channel U-Nets), A1111's formulas, the composite, and bad input.
+
+Tolerances: final latents within 1e-4 of their scale (fp32; diffusers' and our arithmetic are the same
+operations), uint8 images at most 1 level apart (rounding ties). diffusers returns the decoded image as it
+is; ours composites the original outside the mask, so the images are compared with `composite=False`, and
+the composite is checked on its own (exact equality outside the mask).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sd.config import TINY
+from sd.inpaint import InpaintSettings, blur_mask, crop_region, expand_crop_region, gaussian_kernel, load_mask
+from sd.params import GenerationParams
+from sd.pipeline import Pipeline
+
+from reference import reference_models, reference_tokenizer
+from test_samplers import make_scheduler
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
+
+PROMPT = "a red door in a white wall"
+NEGATIVE = "blurry"
+SIZE = 64
+TINY9 = replace(TINY, unet=replace(TINY.unet, in_channels=9))
+
+
+def picture(width: int = SIZE, height: int = SIZE) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // width, y * 255 // height, (x * y) % 251], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8))
+
+
+def rectangle(width: int = SIZE, height: int = SIZE, box=(16, 20, 44, 52)) -> Image.Image:
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, box)
+    return mask
+
+
+@pytest.fixture(scope="module", params=[4, 9], ids=["4-channel", "9-channel"])
+def models(request, tmp_path_factory):
+    """(channels, our models, diffusers' unet, vae, text encoder, checkpoint path) on the same weights."""
+    from safetensors.torch import save_file
+
+    from sd.keymap import diffusers_configs
+    from sd.testing import ldm_state_dict, random_models
+    from sd.weights import load_models
+
+    config = TINY9 if request.param == 9 else TINY
+    state = ldm_state_dict(random_models(config, seed=99))
+    path = tmp_path_factory.mktemp("inpaint") / "model.safetensors"
+    save_file(state, str(path), metadata={"sd_config": config.to_json()})
+    unet, vae, text_encoder = reference_models(state, diffusers_configs(config))
+    return request.param, load_models(path), unet, vae, text_encoder, path
+
+
+def reference_pipe(models, sampler: str):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    _, _, unet, vae, text_encoder, _ = models
+    pipe = StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=reference_tokenizer(), unet=unet,
+        scheduler=make_scheduler(sampler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def compare(ours, ref, what: str):
+    (latents, images), (ref_latents, ref_images) = ours, ref
+    diff = (latents - ref_latents).abs().max().item()
+    scale = max(1.0, ref_latents.abs().max().item())
+    levels = np.abs(images.astype(int) - ref_images.astype(int)).max()
+    print(f"{what}: latents max abs diff {diff:.3g}, image levels off {levels}")
+    assert diff <= 1e-4 * scale, f"{what}: latents differ by {diff:.3g}"
+    assert levels <= 1, f"{what}: images differ by {levels} levels"
+
+
+@pytest.mark.parametrize(
+    ("sampler", "strength"),
+    [("euler", 1.0), ("euler", 0.6), ("dpmpp_2m", 0.75), ("ddim", 1.0), ("euler_a", 0.7), ("pndm", 0.8)],
+)
+def test_matches_diffusers_inpaint_pipeline(models, sampler: str, strength: float) -> None:
+    channels = models[0]
+    image, mask = picture(), rectangle()
+    seen = {}
+
+    def keep(pipe, step, timestep, kwargs):
+        seen["latents"] = kwargs["latents"]
+        return kwargs
+
+    out = reference_pipe(models, sampler)(
+        prompt=PROMPT, negative_prompt=NEGATIVE, image=image, mask_image=mask, height=SIZE, width=SIZE,
+        strength=strength, num_inference_steps=5, guidance_scale=7.5, num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(5), output_type="np", callback_on_step_end=keep,
+    )  # fmt: skip
+    ref = (seen["latents"], (out.images * 255).round().astype(np.uint8))
+    mine = {}
+    images = Pipeline(models[1]).inpaint(
+        image, mask, PROMPT, NEGATIVE, strength=strength, steps=5, sampler=sampler, seed=5, num_images=2,
+        mask_blur=0, composite=False, callback=lambda step: mine.update(latents=step.latents.clone()),
+    )  # fmt: skip
+    compare((mine["latents"], np.stack([np.asarray(i) for i in images])), ref,
+            f"{channels}-channel inpaint {sampler} strength {strength}")  # fmt: skip
+
+
+def test_composite_keeps_the_input_outside_the_mask(models) -> None:
+    image, mask = picture(), rectangle()
+    pipe = Pipeline(models[1])
+    sharp = pipe.inpaint(image, mask, PROMPT, strength=0.8, steps=3, seed=1, mask_blur=0)[0]
+    inside = np.asarray(mask) > 0
+    got, original = np.asarray(sharp), np.asarray(image)
+    assert (got[~inside] == original[~inside]).all()
+    assert (got[inside] != original[inside]).any()
+    # a blurred mask blends: the overlay is the blurred mask doubled (A1111's "whole picture")
+    blurred = pipe.inpaint(image, mask, PROMPT, strength=0.8, steps=3, seed=1, mask_blur=4)[0]
+    soft = np.clip(np.asarray(blur_mask(mask, 4, 4), dtype=np.float32) * 2, 0, 255)
+    far = soft == 0
+    assert (np.asarray(blurred)[far] == original[far]).all()
+    ring = (soft > 0) & ~inside
+    assert ring.any() and (np.asarray(blurred)[ring] != original[ring]).any()
+    assert "Mask blur: 4" in blurred.info["parameters"]
+
+
+def test_only_masked_works_on_the_crop_and_pastes_back(models, caplog) -> None:
+    big = picture(160, 120)
+    mask = rectangle(160, 120, (100, 30, 130, 60))
+    out = Pipeline(models[1]).inpaint(big, mask, PROMPT, strength=0.7, steps=2, seed=3, mask_blur=0,
+                                      inpaint_full_res=True, inpaint_full_res_padding=8, width=64, height=64)[0]  # fmt: skip
+    assert out.size == big.size
+    inside = np.asarray(mask) > 0
+    assert (np.asarray(out)[~inside] == np.asarray(big)[~inside]).all()
+    assert "Inpaint area: Only masked" in out.info["parameters"]
+    assert "Masked area padding: 8" in out.info["parameters"]
+    with caplog.at_level(logging.WARNING, logger="sd"):  # an empty mask: plain img2img, as A1111
+        plain = Pipeline(models[1]).inpaint(big, Image.new("L", big.size), PROMPT, strength=0.5, steps=2,
+                                            seed=3, inpaint_full_res=True, width=64, height=64)[0]  # fmt: skip
+    assert "blank" in caplog.text and plain.size == (64, 64)
+
+
+@pytest.mark.parametrize("fill", ["fill", "original", "latent noise", "latent nothing"])
+def test_a1111_way_and_fills(models, fill: str) -> None:
+    image, mask = picture(), rectangle()
+    out = Pipeline(models[1]).inpaint(image, mask, PROMPT, strength=0.75, steps=3, seed=2, sampler="Euler a",
+                                      a1111=True, inpainting_fill=fill)[0]  # fmt: skip
+    text = out.info["parameters"]
+    assert ("Masked content" in text) == (fill != "original")
+    params = GenerationParams.from_text(text)
+    assert params.inpaint.inpainting_fill == ["fill", "original", "latent noise", "latent nothing"].index(fill)
+    assert not params.unhonoured
+    again = Pipeline(models[1]).run(params, image, mask=mask)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(out))
+
+
+def test_a1111_blend_is_the_x0_formula(models) -> None:
+    """A1111 blends the clean-image prediction: with the U-Net predicting zero noise, denoised = x, so an
+    Euler run keeps the init latents exactly where the mask is 0 (the noisy blend would not be exact)."""
+    from sd.inpaint_sampling import InpaintJob
+
+    job = InpaintJob(InpaintSettings(), None, nine=False)
+    job.nmask = torch.tensor([[[[1.0, 0.0]]]])
+    job.clean = torch.tensor([[[[5.0, 7.0]]]])
+    assert torch.equal(job.blend_x0(torch.tensor([[[[1.0, 2.0]]]])), torch.tensor([[[[1.0, 7.0]]]]))
+
+
+def test_outpaint(models) -> None:
+    image = picture(48, 40)
+    pipe = Pipeline(models[1])
+    out = pipe.outpaint(image, PROMPT, left=16, right=8, top=0, bottom=5, steps=2, seed=4)[0]
+    assert out.size == (48 + 24, 40 + 5)
+    # the image itself, less the seam A1111 blends (twice the mask blur, plus the blur), is kept
+    kept = np.asarray(out)[0:40 - 16, 16 + 16 : 16 + 48 - 16]
+    assert np.array_equal(kept, np.asarray(image)[0:24, 16:32])
+
+
+def test_masks_from_files_alpha_arrays(tmp_path, caplog) -> None:
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    rgba.paste((255, 255, 255, 255), (2, 2, 6, 6))
+    assert np.array_equal(np.asarray(load_mask(rgba)) > 0, np.asarray(rectangle(8, 8, (2, 2, 6, 6))) > 0)
+    array = np.zeros((8, 8), dtype=bool)
+    array[1:3, 1:3] = True
+    assert load_mask(array).getbbox() == (1, 1, 3, 3)
+    assert load_mask(array.astype(np.float32)).getbbox() == (1, 1, 3, 3)
+    path = tmp_path / "m.png"
+    rectangle(8, 8, (0, 0, 4, 4)).convert("RGB").save(path)
+    assert load_mask(path).mode == "L" and load_mask(path).getbbox() == (0, 0, 4, 4)
+    with pytest.raises(ValueError, match="not found"):
+        load_mask(tmp_path / "none.png")
+
+
+def test_bad_input(models, caplog) -> None:
+    pipe = Pipeline(models[1])
+    image = picture()
+    with caplog.at_level(logging.WARNING, logger="sd"):  # a mask of another size is resized
+        pipe.inpaint(image, rectangle(32, 32, (8, 8, 20, 20)), PROMPT, strength=0.5, steps=2, seed=1)
+    assert "resized" in caplog.text
+    with pytest.raises(ValueError, match="needs a mask"):
+        pipe.inpaint(image, None, PROMPT)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pipe.inpaint(image, rectangle(), PROMPT, width=70, height=64)
+    with pytest.raises(ValueError, match="inpainting_fill"):
+        pipe.inpaint(image, rectangle(), PROMPT, inpainting_fill=7)
+    with pytest.raises(ValueError, match="outpainting"):
+        pipe.outpaint(image, PROMPT)
+
+
+def test_inpainting_model_without_a_mask(models) -> None:
+    """A1111 uses the inpainting model for txt2img / img2img with a mask of ones (a grey image)."""
+    if models[0] != 9:
+        pytest.skip("the 9-channel model only")
+    pipe = Pipeline(models[1])
+    assert pipe.txt2img(PROMPT, width=SIZE, height=SIZE, steps=2, seed=1)[0].size == (SIZE, SIZE)
+    assert pipe.img2img(picture(), PROMPT, strength=0.5, steps=2, seed=1)[0].size == (SIZE, SIZE)
+
+
+def test_loading_and_sd_info(models, tmp_path) -> None:
+    from sd.weights import describe
+
+    if models[0] != 9:
+        pytest.skip("the 9-channel model only")
+    info = describe(models[5])
+    assert info.usable and info.family == "SD1.x inpainting", info.reason
+    assert models[1]["diffusion"].input_blocks[0][0].weight.shape[1] == 9
+
+
+def test_blur_and_crop_formulas() -> None:
+    kernel = gaussian_kernel(4)
+    assert len(kernel) == 2 * int(2.5 * 4 + 0.5) + 1 and abs(kernel.sum() - 1) < 1e-12
+    mask = rectangle(40, 40, (10, 10, 20, 30))
+    assert crop_region(mask, 4) == (6, 6, 24, 34)
+    assert crop_region(Image.new("L", (8, 8)), 4) is None
+    assert expand_crop_region((6, 6, 24, 34), 64, 64, 40, 40) == (1, 6, 29, 34)
