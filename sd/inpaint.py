@@ -43,7 +43,9 @@ def fill_mode(value: int | str) -> int:
     if isinstance(value, str) and not value.strip().isdigit():
         name = value.strip().lower().replace("_", " ")
         if name not in FILL_MODES:
-            raise ValueError(f"unknown masked content {value!r}: use one of {', '.join(FILL_MODES)} (or 0..3)")
+            raise ValueError(
+                f"unknown masked content {value!r}: use one of {', '.join(FILL_MODES)} (or 0..3)"
+            )
         return FILL_MODES.index(name)
     number = int(value)
     if not 0 <= number < len(FILL_MODES):
@@ -93,7 +95,14 @@ class InpaintSettings:
         """The settings an infotext records, None when it records no inpainting. Absent keys take the
         values A1111's paste fields restore (Mask mode "Inpaint masked", Masked content "original",
         "Whole picture", padding 32); Mask blur absent means 0, as A1111 writes it only when > 0."""
-        keys = ("Mask blur", "Mask blur x", "Mask mode", "Inpaint area", "Masked area padding", "Masked content")
+        keys = (
+            "Mask blur",
+            "Mask blur x",
+            "Mask mode",
+            "Inpaint area",
+            "Masked area padding",
+            "Masked content",
+        )
         if not any(k in settings for k in keys):
             return None
         blur = int(settings.get("Mask blur", 0))
@@ -103,7 +112,8 @@ class InpaintSettings:
             inpainting_fill=fill_mode(settings.get("Masked content", "original")),
             inpaint_full_res=settings.get("Inpaint area", "Whole picture").strip() == "Only masked",
             inpaint_full_res_padding=int(settings.get("Masked area padding", DEFAULT_PADDING)),
-            inpainting_mask_invert=settings.get("Mask mode", "Inpaint masked").strip() == "Inpaint not masked",
+            inpainting_mask_invert=settings.get("Mask mode", "Inpaint masked").strip()
+            == "Inpaint not masked",
             mask_weight=float(settings.get("Conditional mask weight", 1.0)),
         )
 
@@ -330,7 +340,9 @@ def prepare(
     if settings.inpaint_full_res:
         box = crop_region(mask, settings.inpaint_full_res_padding)
         if box is None:
-            log.warning('Unable to perform "only masked" inpainting: the mask is blank; a plain img2img it is')
+            log.warning(
+                'Unable to perform "only masked" inpainting: the mask is blank; a plain img2img it is'
+            )
             return PreparedImages(resize_image(0, image, width, height), None, None, None)
         box = expand_crop_region(box, width, height, *mask.size)
         x1, y1, x2, y2 = box

@@ -63,7 +63,7 @@ class InpaintJob:
     # --- masks ---
 
     def pixel_mask(self, a1111: bool) -> torch.Tensor:
-        """(1, 1, H, W) repaint mask at the processing size: rounded (A1111) or binarised at 0.5 (diffusers)."""
+        """(1, 1, H, W) repaint mask at the processing size: rounded (A1111), binarised (diffusers)."""
         values = torch.from_numpy(np.asarray(self.prepared.mask, dtype=np.float32) / 255.0)[None, None]
         return torch.round(values) if a1111 else (values >= 0.5).float()
 

@@ -13,10 +13,10 @@ import re
 from dataclasses import dataclass, replace
 
 from .infotext import backcompat, format_infotext, parse_infotext, parse_version
-from .samplers.a1111 import exact_label as a1111_label
-from .samplers.a1111 import split_schedule, writes_ensd
 from .inpaint import INFOTEXT_KEYS as INPAINT_KEYS
 from .inpaint import InpaintSettings
+from .samplers.a1111 import exact_label as a1111_label
+from .samplers.a1111 import split_schedule, writes_ensd
 from .samplers.sigmas import SCHEDULE_TYPES
 
 A1111_SAMPLER_NAMES = {
@@ -221,7 +221,9 @@ class GenerationParams:
                 schedule=schedule or "Automatic",
                 inpaint=InpaintSettings.from_infotext(settings),
                 unhonoured=tuple(
-                    k for k in settings if k not in _HONOURED and k not in _NO_EFFECT and k not in INPAINT_KEYS
+                    k
+                    for k in settings
+                    if k not in _HONOURED and k not in _NO_EFFECT and k not in INPAINT_KEYS
                 ),
                 **extra,
             )

@@ -451,10 +451,14 @@ class Pipeline:
         masked = job is not None and job.masked
         if isinstance(sampler, TimestepsSampler):
             if masked:
-                raise ValueError(f"inpainting in A1111's way takes the k-diffusion samplers, not {sampler.label}")
+                raise ValueError(
+                    f"inpainting in A1111's way takes the k-diffusion samplers, not {sampler.label}"
+                )
             if job is not None:
                 job.condition(self, image, shape, None, a1111=True)
-            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image, job)
+            return self._sample_timesteps(
+                sampler, params, x, noise, guidance, conditioning, callback, image, job
+            )
         start = 0
         if image is None:
             x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
@@ -653,7 +657,6 @@ class Pipeline:
                                   width, height, strength, clip_skip)  # fmt: skip
         return self.run(params, image, num_images, eta, callback)
 
-
     def inpaint(
         self,
         image: Image.Image,
@@ -710,8 +713,8 @@ class Pipeline:
             inpainting_mask_invert=bool(inpainting_mask_invert),
             mask_weight=inpainting_mask_weight,
         )
-        params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
-                                  width, height, strength, clip_skip, inpaint=settings, a1111=a1111)  # fmt: skip
+        params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed, width,
+                                  height, strength, clip_skip, inpaint=settings, a1111=a1111)  # fmt: skip
         return self.run(params, image, num_images, eta, callback, mask=mask, composite=composite)
 
     def outpaint(

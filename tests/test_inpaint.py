@@ -137,16 +137,17 @@ def test_composite_keeps_the_input_outside_the_mask(models) -> None:
 def test_only_masked_works_on_the_crop_and_pastes_back(models, caplog) -> None:
     big = picture(160, 120)
     mask = rectangle(160, 120, (100, 30, 130, 60))
+    only = dict(inpaint_full_res=True, width=64, height=64)
     out = Pipeline(models[1]).inpaint(big, mask, PROMPT, strength=0.7, steps=2, seed=3, mask_blur=0,
-                                      inpaint_full_res=True, inpaint_full_res_padding=8, width=64, height=64)[0]  # fmt: skip
+                                      inpaint_full_res_padding=8, **only)[0]  # fmt: skip
     assert out.size == big.size
     inside = np.asarray(mask) > 0
     assert (np.asarray(out)[~inside] == np.asarray(big)[~inside]).all()
     assert "Inpaint area: Only masked" in out.info["parameters"]
     assert "Masked area padding: 8" in out.info["parameters"]
     with caplog.at_level(logging.WARNING, logger="sd"):  # an empty mask: plain img2img, as A1111
-        plain = Pipeline(models[1]).inpaint(big, Image.new("L", big.size), PROMPT, strength=0.5, steps=2,
-                                            seed=3, inpaint_full_res=True, width=64, height=64)[0]  # fmt: skip
+        blank = Image.new("L", big.size)
+        plain = Pipeline(models[1]).inpaint(big, blank, PROMPT, strength=0.5, steps=2, seed=3, **only)[0]
     assert "blank" in caplog.text and plain.size == (64, 64)
 
 
@@ -158,7 +159,9 @@ def test_a1111_way_and_fills(models, fill: str) -> None:
     text = out.info["parameters"]
     assert ("Masked content" in text) == (fill != "original")
     params = GenerationParams.from_text(text)
-    assert params.inpaint.inpainting_fill == ["fill", "original", "latent noise", "latent nothing"].index(fill)
+    assert params.inpaint.inpainting_fill == ["fill", "original", "latent noise", "latent nothing"].index(
+        fill
+    )
     assert not params.unhonoured
     again = Pipeline(models[1]).run(params, image, mask=mask)[0]
     assert np.array_equal(np.asarray(again), np.asarray(out))
@@ -176,13 +179,13 @@ def test_a1111_blend_is_the_x0_formula(models) -> None:
 
 
 def test_outpaint(models) -> None:
-    image = picture(48, 40)
+    image = picture(48, 60)
     pipe = Pipeline(models[1])
-    out = pipe.outpaint(image, PROMPT, left=16, right=8, top=0, bottom=5, steps=2, seed=4)[0]
-    assert out.size == (48 + 24, 40 + 5)
-    # the image itself, less the seam A1111 blends (twice the mask blur, plus the blur), is kept
-    kept = np.asarray(out)[0:40 - 16, 16 + 16 : 16 + 48 - 16]
-    assert np.array_equal(kept, np.asarray(image)[0:24, 16:32])
+    out = pipe.outpaint(image, PROMPT, left=16, right=8, top=0, bottom=5, steps=2, seed=4)
+    assert out[0].size == (48 + 24, 60 + 5)  # made at 72x72 (a multiple of 8), cropped back
+    # the image itself, less the seam A1111 blends (twice the mask blur, plus the blur's reach), is kept
+    kept = np.asarray(out[0])[0:40, 36:44]
+    assert np.array_equal(kept, np.asarray(image)[0:40, 20:28])
 
 
 def test_masks_from_files_alpha_arrays(tmp_path, caplog) -> None:
@@ -242,3 +245,37 @@ def test_blur_and_crop_formulas() -> None:
     assert crop_region(mask, 4) == (6, 6, 24, 34)
     assert crop_region(Image.new("L", (8, 8)), 4) is None
     assert expand_crop_region((6, 6, 24, 34), 64, 64, 40, 40) == (1, 6, 29, 34)
+
+
+def test_inpainting_diffusers_folder_and_sd15_file_without_metadata(models, tmp_path) -> None:
+    """A diffusers folder of the inpainting model loads; an original-layout file without our metadata is
+    read as SD1.5 inpainting from its 9-channel input conv."""
+    import json
+    from types import SimpleNamespace
+
+    from sd.config import SD15_INPAINTING
+    from sd.testing import ldm_state_dict
+    from sd.weights import _default_config, _identify, describe, load_models
+
+    if models[0] != 9:
+        pytest.skip("the 9-channel model only")
+    folder = tmp_path / "pipeline"
+    models[2].save_pretrained(folder / "unet")
+    models[3].save_pretrained(folder / "vae")
+    models[4].save_pretrained(folder / "text_encoder")
+    index = {"_class_name": "StableDiffusionInpaintPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    loaded = load_models(folder)
+    for name, model in models[1].items():
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, loaded[name].state_dict()[key]), f"{name}.{key}"
+    assert describe(folder).family == "SD1.x inpainting"
+    from sd.models import build_models
+
+    # the file's keys and shapes, without writing 1 GB: what describe / load_models judge a file by
+    shapes = {
+        k: tuple(v.shape) for k, v in ldm_state_dict(build_models(SD15_INPAINTING, device="meta")).items()
+    }
+    assert _identify(shapes).name == "SD1.x inpainting" and _identify(shapes).problem is None
+    entries = {k: SimpleNamespace(shape=v) for k, v in shapes.items()}
+    assert _default_config(SimpleNamespace(entries=entries)) == SD15_INPAINTING
