@@ -104,8 +104,12 @@ def resolve_params(args: argparse.Namespace):
         return WAY_DEFAULTS[way].get(flag, GENERATE_DEFAULTS.get(flag))
 
     strength = None
+    if (args.mask or args.outpaint) and not args.init_image:
+        raise ValueError("--mask and --outpaint need --init-image")
     if args.init_image:
-        strength = args.strength if args.strength is not None else (base.strength or 0.8)
+        # inpainting: A1111's default denoising 0.75; outpainting paints the new area from scratch
+        default = 1.0 if args.outpaint else 0.75 if args.mask else 0.8
+        strength = args.strength if args.strength is not None else (base.strength or default)
     elif args.strength is not None:
         raise ValueError("--strength needs --init-image")
     seed = args.seed if args.seed is not None else (base.seed if args.from_png else new_seed())
@@ -133,6 +137,7 @@ def resolve_params(args: argparse.Namespace):
         subseed=args.variation_seed if args.variation_seed is not None else base.subseed,
         subseed_strength=variation_strength,
     )
+    params = replace(params, inpaint=inpaint_settings(args, base.inpaint))
     if params.a1111:
         # A1111's names, any case, or ours: "dpmpp_2m" -> "DPM++ 2M" (--karras: its Karras schedule)
         label, named_schedule = a1111_sampler(params.sampler)
@@ -142,6 +147,44 @@ def resolve_params(args: argparse.Namespace):
             params = replace(params, eta=args.eta)
         check_source(params.rng)
     return params
+
+
+def inpaint_settings(args: argparse.Namespace, base):
+    """The mask controls from the flags, over a PNG's (`base`); None without --mask / --outpaint."""
+    from .inpaint import InpaintSettings, fill_mode
+
+    if not (args.mask or args.outpaint):
+        return None
+    start = base or InpaintSettings(inpainting_fill=0 if args.outpaint else 1)
+    changes = {}
+    if args.mask_blur is not None:
+        changes.update(mask_blur_x=args.mask_blur, mask_blur_y=args.mask_blur)
+    if args.inpaint_fill is not None:
+        changes["inpainting_fill"] = fill_mode(args.inpaint_fill)
+    if args.only_masked:
+        changes["inpaint_full_res"] = True
+    if args.only_masked_padding is not None:
+        changes["inpaint_full_res_padding"] = args.only_masked_padding
+    if args.invert_mask:
+        changes["inpainting_mask_invert"] = True
+    if args.mask_weight is not None:
+        changes["mask_weight"] = args.mask_weight
+    return replace(start, **changes)
+
+
+def parse_outpaint(text: str) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) from "left=64,right=64" (sides not named: 0; "all=32" for every side)."""
+    sides = dict.fromkeys(("left", "right", "top", "bottom"), 0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        name = name.strip().lower()
+        if name not in (*sides, "all") or not value.strip().isdigit():
+            raise ValueError(
+                f"--outpaint {text!r}: use SIDE=PIXELS[,...] with sides left, right, top, bottom, all"
+            )
+        for side in sides if name == "all" else (name,):
+            sides[side] = int(value)
+    return sides["left"], sides["right"], sides["top"], sides["bottom"]
 
 
 def output_paths(out: str | None, count: int, seed: int) -> list[Path]:
@@ -276,7 +319,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = resolve_params(args)
     # Cheap checks first: a typo should not cost a 4 GB load.
     image = load_image(args.init_image) if args.init_image else None
-    if image is not None:  # diffusers' default: the input's size rounded down to a multiple of 8
+    sides = parse_outpaint(args.outpaint) if args.outpaint else None
+    inpaint = params.inpaint if (args.mask or sides) else None
+    if inpaint is not None and (sides or inpaint.inpaint_full_res):
+        pass  # the size is the canvas's (outpainting) or the model's ("only masked"), set by the pipeline
+    elif image is not None:  # diffusers' default: the input's size rounded down to a multiple of 8
         params = replace(
             params,
             width=params.width or image.width - image.width % 8,
@@ -311,7 +358,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             bars.append(tqdm(total=total, desc="sampling", unit="step", file=sys.stderr))
         bars[0].update()
 
-    images = pipe.run(params, image, num_images=num, eta=args.eta or 0.0, callback=progress)
+    if params.inpaint is not None and not (args.mask or sides):
+        print("warning: the PNG was inpainted; give --mask FILE (masks are not stored in PNGs), or the "
+              "image is made as a plain img2img", file=sys.stderr)  # fmt: skip
+        params = replace(params, inpaint=None)
+    eta = args.eta or 0.0
+    if sides:
+        images = pipe.run_outpaint(params, image, sides, num_images=num, eta=eta, callback=progress)
+    else:
+        images = pipe.run(params, image, num_images=num, eta=eta, callback=progress, mask=args.mask)
     for bar in bars:
         bar.close()
     if keep is not None:
@@ -537,6 +592,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--init-image", metavar="PATH", help="start from this image (img2img)")
     gen.add_argument(
         "--strength", type=float, help="img2img: how much to change the image, in (0, 1] (default 0.8)"
+    )
+    inp = gen.add_argument_group("inpainting and outpainting (A1111's img2img mask controls)")
+    inp.add_argument(
+        "--mask", metavar="FILE", help="inpaint: repaint the white part of this mask (RGBA: its alpha)"
+    )
+    inp.add_argument(
+        "--mask-blur", type=int, metavar="N", help="Gaussian blur of the mask, pixels (default 4)"
+    )
+    inp.add_argument(
+        "--inpaint-fill",
+        metavar="MODE",
+        help="masked content: fill, original (default), 'latent noise', 'latent nothing' (or 0..3)",
+    )
+    inp.add_argument(
+        "--only-masked",
+        action="store_true",
+        help="work on the crop around the mask at --width x --height (default 512), paste it back",
+    )
+    inp.add_argument(
+        "--only-masked-padding", type=int, metavar="PX", help="padding around the mask (default 32)"
+    )
+    inp.add_argument("--invert-mask", action="store_true", help="repaint the black part instead")
+    inp.add_argument(
+        "--mask-weight",
+        type=float,
+        metavar="W",
+        help="inpainting models: conditioning mask strength, 0..1 (default 1)",
+    )
+    inp.add_argument(
+        "--outpaint",
+        metavar="SIDES",
+        help="extend the --init-image: left=64,right=64 (top, bottom, all); strength default 1",
     )
     gen.add_argument("--clip-skip", type=int, help="use the N-th last CLIP layer (default 1)")
     gen.add_argument(

@@ -733,15 +733,51 @@ class Pipeline:
         """Extend `image` by `left`/`right`/`top`/`bottom` pixels: the new area is painted (as A1111's
         outpainting script: "fill" content, the mask reaching twice `mask_blur` into the image so the seam
         blends there); the image itself is kept pixel for pixel. Other keywords as `inpaint`."""
+        from .inpaint import fill_mode
+
+        seed = kwargs.pop("seed", None)
+        seed = new_seed() if seed is None else seed
+        names = ("negative_prompt", "steps", "cfg_scale", "sampler", "karras", "clip_skip", "a1111")
+        run_keys = ("eta", "num_images", "callback", "composite")
+        unknown = set(kwargs) - {*names, *run_keys, "inpainting_mask_weight"}
+        if unknown:
+            raise TypeError(
+                f"outpaint() got unexpected keywords {sorted(unknown)} (the size is the canvas's)"
+            )
+        settings = InpaintSettings(mask_blur, mask_blur, fill_mode(inpainting_fill),
+                                   mask_weight=kwargs.get("inpainting_mask_weight", 1.0))  # fmt: skip
+        defaults = GenerationParams(prompt, steps=25, sampler="dpmpp_2m", seed=seed, width=None, height=None)
+        chosen = {k: kwargs[k] for k in names if k in kwargs}
+        params = replace(defaults, strength=strength, inpaint=settings, **chosen)
+        run = {k: kwargs[k] for k in run_keys if k in kwargs}
+        return self.run_outpaint(params, image, (left, right, top, bottom), **run)
+
+    def run_outpaint(
+        self,
+        params: GenerationParams,
+        image: Image.Image,
+        sides: tuple[int, int, int, int],
+        num_images: int = 1,
+        eta: float = 0.0,
+        callback: StepCallback | None = None,
+        composite: bool = True,
+    ) -> list[Image.Image]:
+        """`outpaint` for a whole `GenerationParams` (its mask blur sets the seam); `sides` = (left, right,
+        top, bottom) pixels. The canvas is worked on whole, at its own size."""
         from .inpaint import outpaint_canvas
 
+        left, right, top, bottom = sides
+        settings = params.inpaint or InpaintSettings(inpainting_fill=0)
+        overlap = 2 * max(settings.mask_blur_x, settings.mask_blur_y)
         down = self.config.vae.downscale
-        job = outpaint_canvas(to_rgb(image), left, right, top, bottom, overlap=2 * mask_blur, multiple=down)
-        images = self.inpaint(job.canvas, job.mask, prompt, strength=strength, mask_blur=mask_blur,
-                              inpainting_fill=inpainting_fill, **kwargs)  # fmt: skip
+        canvas = outpaint_canvas(to_rgb(image), left, right, top, bottom, overlap=overlap, multiple=down)
+        params = replace(params, width=None, height=None, inpaint=replace(settings, inpaint_full_res=False))
+        images = self.run(
+            params, canvas.canvas, num_images, eta, callback, mask=canvas.mask, composite=composite
+        )
         out = []
         for im in images:
-            cropped = im.crop(job.box) if job.box != (0, 0, *im.size) else im
+            cropped = im.crop(canvas.box) if canvas.box != (0, 0, *im.size) else im
             cropped.info.update(im.info)
             out.append(cropped)
         return out

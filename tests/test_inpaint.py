@@ -279,3 +279,49 @@ def test_inpainting_diffusers_folder_and_sd15_file_without_metadata(models, tmp_
     assert _identify(shapes).name == "SD1.x inpainting" and _identify(shapes).problem is None
     entries = {k: SimpleNamespace(shape=v) for k, v in shapes.items()}
     assert _default_config(SimpleNamespace(entries=entries)) == SD15_INPAINTING
+
+
+def test_cli_inpaint_outpaint_and_replay(tmp_path, monkeypatch, capsys) -> None:
+    """sd generate --mask / --only-masked / --outpaint end to end with the built-in shapes model, and the
+    PNG's settings read back (the mask is in no PNG: --from-png needs --mask again)."""
+    from sd.checkpoints import BUILTIN_MODEL
+    from sd.cli import main
+    from sd.images import read_png_parameters
+
+    if not BUILTIN_MODEL.is_file():
+        pytest.skip("no built-in model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SD_CHECKPOINT", raising=False)
+    monkeypatch.setenv("SD_HOME", str(tmp_path / "home"))
+    picture().save(tmp_path / "in.png")
+    rectangle().save(tmp_path / "mask.png")
+    common = ["--init-image", "in.png", "--steps", "3", "--seed", "7"]
+    flags = ["--mask", "mask.png", "--mask-blur", "2", "--inpaint-fill", "latent nothing", "--invert-mask"]
+    assert main(["generate", "a blue circle", *common, *flags, "-o", "a.png"]) == 0
+    text = read_png_parameters(tmp_path / "a.png")
+    for key in ("Mask blur: 2", "Masked content: latent nothing", "Mask mode: Inpaint not masked",
+                "Denoising strength: 0.75"):  # fmt: skip
+        assert key in text, text
+    assert main(["generate", "--from-png", "a.png", "--init-image", "in.png", "--mask", "mask.png",
+                 "-o", "b.png"]) == 0  # fmt: skip
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    )
+    only = [
+        "--mask",
+        "mask.png",
+        "--only-masked",
+        "--only-masked-padding",
+        "8",
+        "--width",
+        "64",
+        "--height",
+        "64",
+    ]
+    assert main(["generate", "a red square", *common, *only, "-o", "c.png"]) == 0
+    assert "Inpaint area: Only masked, Masked area padding: 8" in read_png_parameters(tmp_path / "c.png")
+    assert main(["generate", "a red square", *common, "--outpaint", "left=16,bottom=8", "-o", "d.png"]) == 0
+    assert Image.open(tmp_path / "d.png").size == (SIZE + 16, SIZE + 8)
+    capsys.readouterr()
+    assert main(["generate", "x", "--mask", "mask.png"]) != 0
+    assert "--mask and --outpaint need --init-image" in capsys.readouterr().err

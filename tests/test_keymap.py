@@ -314,7 +314,8 @@ SDXL = _patched(
 REFUSALS = {
     "sd2": (SD2, "use_linear_projection"),
     "sdxl": (SDXL, "addition_embed_type"),
-    "inpainting": (_patched("unet", in_channels=9), "in_channels=9"),
+    # (in_channels=9, the inpainting U-Net, is read: tests/test_inpaint.py)
+    "instruct-pix2pix": (_patched("unet", in_channels=8), "in_channels=8"),
     "lcm": (_patched("unet", time_cond_proj_dim=256), "time_cond_proj_dim"),
     "per-level-heads": (_patched("unet", attention_head_dim=[5, 10, 20, 20]), "attention_head_dim"),
     "per-level-layers": (_patched("unet", layers_per_block=[2, 2, 2, 1]), "layers_per_block"),

@@ -508,9 +508,10 @@ FAMILIES = {
         },
         "SDXL checkpoint",
     ),
-    "SD1.x inpainting": (
-        {UNET_IN: t(8, 9, 3, 3), "cond_stage_model.transformer.text_model.final_layer_norm.weight": t(4)},
-        "SD1.x inpainting checkpoint (U-Net input_blocks.0.0.weight takes 9 input channels, not 4)",
+    # (SD1.x inpainting, 9 channels, is loaded: tests/test_inpaint.py)
+    "SD1.x InstructPix2Pix": (
+        {UNET_IN: t(8, 8, 3, 3), "cond_stage_model.transformer.text_model.final_layer_norm.weight": t(4)},
+        "SD1.x InstructPix2Pix checkpoint (U-Net input_blocks.0.0.weight takes 8 input channels, not 4)",
     ),
     "LoRA": (
         {
@@ -733,8 +734,8 @@ def test_diffusers_folder_errors(diffusers_models, tmp_path):
     (folder / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 1024}))
     message = error_of(folder)
     assert "this is an SD2.x diffusers folder" in message and describe(folder).family == "SD2.x"
-    (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 9}))
-    assert "SD1.x inpainting diffusers folder" in error_of(folder)
+    (folder / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 8}))
+    assert "in_channels=8" in error_of(folder)  # (9, the inpainting U-Net, loads: tests/test_inpaint.py)
     (folder / "unet" / "config.json").write_text(json.dumps({**config, "act_fn": "gelu"}))
     assert "unsupported U-Net config" in error_of(folder)
 
