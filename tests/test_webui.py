@@ -49,10 +49,10 @@ LORA = "ink-style"
 SERVER_START_S = 180  # imports and the model load, on a busy 2-core machine
 GENERATION_S = 120
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None or CHROMEDRIVER is None,
-    reason="no Chromium: `apt-get install chromium chromium-driver` (Debian's; .ci/run installs them)",
-)
+
+def need_chromium() -> None:
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("no Chromium: `apt-get install chromium chromium-driver` (.ci/run installs them)")
 
 
 # --- the server and the browser ----------------------------------------------------------------------------
@@ -91,6 +91,7 @@ def model_folder(home: Path) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    need_chromium()  # no server to start for tests that will not run
     home = tmp_path_factory.mktemp("sd-home")
     model_folder(home)
     env = {k: v for k, v in os.environ.items() if k not in ("SD_CHECKPOINT", "XDG_DATA_HOME")}
@@ -130,6 +131,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    need_chromium()
     webdriver = pytest.importorskip("selenium.webdriver", reason="no selenium (pip install -e .[test])")
     from selenium.webdriver.chrome.service import Service
 
@@ -247,7 +249,45 @@ def drop_file(driver: Any, path: Path, target_css: str = "body") -> None:
     """, target_css)  # fmt: skip
 
 
-# --- the tests ---------------------------------------------------------------------------------------------
+# --- the token count, without a browser --------------------------------------------------------------------
+
+
+def test_token_count_is_a1111s() -> None:
+    # README's `sd prompt` example: BREAK starts a second chunk, the LoRA tag is not counted.
+    readme = "masterpiece, (detailed face:1.2), [blurry], a castle BREAK night sky <lora:ink:0.8>"
+    assert token_count(readme) == (77, 150)
+    assert token_count("") == (0, 75)
+    assert token_count("a cat") == (2, 75)
+    # AND parts and prompt-editing variants are counted apart, the longest shown (positive prompt only).
+    assert token_count("a cat AND a very big red dog") == (5, 75)
+    assert token_count("a cat AND a very big red dog", negative=True) == (8, 75)
+    assert token_count("a [cat:big red dog:10]", steps=20) == (4, 75)
+    assert token_count(", ".join(["word"] * 40)) == (79, 150)
+
+
+def test_the_ui_routes() -> None:
+    """POST /sd/tokens and GET /sd/model, through FastAPI as the server mounts them."""
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from sd import TINY
+    from sd.pipeline import Pipeline
+    from sd.testing import random_models
+    from sd.webui import INDEX_HTML, router
+
+    pipe = Pipeline(random_models(TINY), model_name="tiny")
+    app = fastapi.FastAPI()
+    app.include_router(router(lambda: pipe))
+    client = TestClient(app)
+    answer = client.post("/sd/tokens", json={"text": "a cat AND a dog, sitting", "steps": 20})
+    assert answer.status_code == 200 and answer.json() == {"token_count": 4, "max_length": 75}
+    assert client.post("/sd/tokens", json={"text": "x" * 200_000}).status_code == 422
+    assert client.post("/sd/tokens", json={"text": "a", "steps": 0}).status_code == 422
+    assert client.get("/sd/model").json() == {"native_size": pipe.native_size, "model_name": "tiny"}
+    assert '<script type="module" src="app.js">' in INDEX_HTML.read_text()
+
+
+# --- the tests in the browser ------------------------------------------------------------------------------
 
 
 def test_the_page_offers_what_the_server_has(page: Any) -> None:
