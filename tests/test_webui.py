@@ -396,6 +396,32 @@ def test_dropping_a_png_restores_its_settings(server: str, page: Any, tmp_path: 
     assert again.convert("RGB").tobytes() == made.convert("RGB").tobytes()
 
 
+def test_restore_reads_old_a1111_names(page: Any) -> None:
+    """infotext.js's rules for PNGs of older A1111s, as sd.params.GenerationParams.from_text reads them."""
+    script = """
+        const done = arguments[arguments.length - 1];
+        import('./infotext.js').then(({settingsFrom}) => done(arguments[0].map(
+            (p) => settingsFrom(p, {samplerNames: ['DPM++ 2M', 'Euler a'], scheduleLabels: ['Karras']}))));
+    """
+    cases = [
+        {"Sampler": "DPM++ 2M Karras", "Version": "v1.6.0"},  # before v1.9 the name held the schedule
+        {"Sampler": "Euler a", "Version": "v1.8.0"},  # and a plain name meant the sampler's own: Uniform
+        {"Sampler": "Euler a"},  # no Version (not A1111's own file): the same
+        {"Sampler": "Euler a", "Version": "v1.10.1"},  # from v1.9 a missing schedule is Automatic
+        {"Sampler": "dpmpp_2m", "Schedule type": "Karras", "Sampling": "diffusers", "RNG": "CPU", "ENSD": 7},
+    ]
+    got = page.execute_async_script(script, cases)
+    picked = [(g["fields"]["sampler_name"], g["fields"]["scheduler"]) for g in got]
+    assert picked == [("DPM++ 2M", "Karras"), ("Euler a", "Uniform"), ("Euler a", "Uniform"),
+                      ("Euler a", "Automatic"), ("dpmpp_2m", "Karras")]  # fmt: skip
+    assert got[4]["way"] == "diffusers" and got[0]["way"] is None
+    assert got[4]["overrides"] == {
+        "randn_source": {"key": "RNG", "value": "CPU"},
+        "eta_noise_seed_delta": {"key": "ENSD", "value": 7},
+    }
+    assert got[0]["fields"]["clip_skip"] == 1 and got[0]["unrestored"] == []
+
+
 def test_img2img_with_an_uploaded_init_image(page: Any, tmp_path: Path) -> None:
     init = tmp_path / "init.png"
     Image.new("RGB", (64, 64), (200, 30, 30)).save(init)

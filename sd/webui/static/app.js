@@ -41,10 +41,18 @@ async function loadChoices() {
   // Our diffusers-way samplers (listed with options.way) are not A1111's: the picker offers A1111's set.
   state.samplerNames = samplers.filter((s) => s.options?.way !== "diffusers").map((s) => s.name);
   state.scheduleLabels = schedulers.map((s) => s.label);
-  setOptions($("sampler_name"), state.samplerNames, state.samplerNames.includes("DPM++ 2M") ? "DPM++ 2M" : undefined);
+  setOptions(
+    $("sampler_name"),
+    state.samplerNames,
+    state.samplerNames.includes("DPM++ 2M") ? "DPM++ 2M" : undefined,
+  );
   setOptions($("scheduler"), state.scheduleLabels, "Automatic");
   state.models = models;
-  setOptions($("checkpoint"), models.map((m) => m.title), options.sd_model_checkpoint);
+  setOptions(
+    $("checkpoint"),
+    models.map((m) => m.title),
+    options.sd_model_checkpoint,
+  );
   setField("clip_skip", options.CLIP_stop_at_last_layers ?? 1);
   // The model's own size (the built-in shapes model makes 64 px images; SD1.5 512 px).
   if (model?.native_size) for (const side of ["width", "height"]) setField(side, model.native_size);
@@ -69,7 +77,9 @@ async function loadNetworks() {
     b.addEventListener("click", () => insertIntoPrompt(text));
     return b;
   };
-  $("lora_list").replaceChildren(...loraNames.map((n) => button(n, `<lora:${n}:1>`, `LoRA: adds <lora:${n}:1>`)));
+  $("lora_list").replaceChildren(
+    ...loraNames.map((n) => button(n, `<lora:${n}:1>`, `LoRA: adds <lora:${n}:1>`)),
+  );
   $("embedding_list").replaceChildren(...embeddingNames.map((n) => button(n, n, `embedding: adds ${n}`)));
 }
 
@@ -118,13 +128,15 @@ function bindPrompts() {
 
 function showTab(tab) {
   state.tab = tab;
-  for (const b of document.querySelectorAll("[data-tab]")) b.setAttribute("aria-selected", b.dataset.tab === tab);
+  for (const b of document.querySelectorAll("[data-tab]"))
+    b.setAttribute("aria-selected", b.dataset.tab === tab);
   $("img2img_panel").hidden = tab !== "img2img";
   document.body.dataset.tab = tab;
 }
 
 function bindControls() {
-  for (const b of document.querySelectorAll("[data-tab]")) b.addEventListener("click", () => showTab(b.dataset.tab));
+  for (const b of document.querySelectorAll("[data-tab]"))
+    b.addEventListener("click", () => showTab(b.dataset.tab));
   $("random_seed").addEventListener("click", () => setField("seed", -1));
   $("reuse_seed").addEventListener("click", () => {
     if (gallery.shown?.seed != null) setField("seed", gallery.shown.seed);
@@ -174,7 +186,10 @@ function bindInitImage() {
   const file = $("init_file");
   zone.addEventListener("click", () => file.click());
   zone.addEventListener("keydown", (event) => (event.key === "Enter" || event.key === " ") && file.click());
-  file.addEventListener("change", async () => file.files[0] && setInitImage(await readAsDataUrl(file.files[0])));
+  file.addEventListener(
+    "change",
+    async () => file.files[0] && setInitImage(await readAsDataUrl(file.files[0])),
+  );
   zone.addEventListener("dragover", (event) => event.preventDefault());
   zone.addEventListener("drop", async (event) => {
     event.preventDefault();
@@ -197,7 +212,8 @@ function renderOverrides() {
       chip.type = "button";
       chip.className = "chip";
       chip.textContent = `${key}: ${value}`;
-      chip.title = option === "way" ? "made diffusers' way (request field way)" : `override_settings.${option}`;
+      chip.title =
+        option === "way" ? "made diffusers' way (request field way)" : `override_settings.${option}`;
       chip.addEventListener("click", () => {
         if (option === "way") state.way = null;
         else delete state.overrides[option];
@@ -224,13 +240,15 @@ async function restoreFrom(dataUrl) {
     state.way = restored.way;
     const model = restored.model;
     const loaded = state.models.find((m) => m.title === $("checkpoint").value);
-    const match = model.hash && state.models.find((m) => m.hash === model.hash || m.sha256?.startsWith(model.hash));
+    const match =
+      model.hash && state.models.find((m) => m.hash === model.hash || m.sha256?.startsWith(model.hash));
     if (match && match !== loaded) {
       state.overrides.sd_model_checkpoint = { key: "Model", value: match.title };
     }
     renderOverrides();
     const notes = [];
-    if (model.hash && !match) notes.push(`made with model ${model.name ?? "?"} [${model.hash}], which is not here`);
+    if (model.hash && !match)
+      notes.push(`made with model ${model.name ?? "?"} [${model.hash}], which is not here`);
     if (restored.unrestored.length) notes.push(`not restored: ${restored.unrestored.join(", ")}`);
     $("restore_note").textContent = notes.join("; ");
     status("settings restored from the PNG");
@@ -262,6 +280,13 @@ function bindPageDrop() {
 
 // --- generating ----------------------------------------------------------------------------------------
 
+// An id in A1111's form ("task(0123456789abcde)"), so /progress can tell this request from other
+// clients' (see progress.js). getRandomValues, unlike randomUUID, works on a plain-http LAN address too.
+function newTaskId() {
+  const hex = [...crypto.getRandomValues(new Uint8Array(8))].map((b) => b.toString(16).padStart(2, "0"));
+  return `task(${hex.join("").slice(0, 15)})`;
+}
+
 async function generate() {
   if (state.busy) return;
   const img2img = state.tab === "img2img";
@@ -271,11 +296,12 @@ async function generate() {
   }
   const overrides = Object.fromEntries(Object.entries(state.overrides).map(([k, { value }]) => [k, value]));
   const body = request({ img2img, initImage: state.initImage, overrides, way: state.way });
+  body.force_task_id = newTaskId();
   state.busy = true;
   $("generate").disabled = true;
   $("interrupt").disabled = false;
   status("");
-  const stop = watchProgress((url) => gallery.preview(url));
+  const stop = watchProgress(body.force_task_id, (url) => gallery.preview(url));
   const started = performance.now();
   try {
     const answer = await post(`/sdapi/v1/${img2img ? "img2img" : "txt2img"}`, body);

@@ -3,8 +3,19 @@
 
 const $ = (id) => document.getElementById(id);
 
-const NUMBERS = ["steps", "width", "height", "n_iter", "batch_size", "cfg_scale", "seed", "subseed",
-  "subseed_strength", "denoising_strength", "clip_skip"];
+const NUMBERS = [
+  "steps",
+  "width",
+  "height",
+  "n_iter",
+  "batch_size",
+  "cfg_scale",
+  "seed",
+  "subseed",
+  "subseed_strength",
+  "denoising_strength",
+  "clip_skip",
+];
 
 export function bindMirrors() {
   for (const box of document.querySelectorAll("[data-mirror]")) {

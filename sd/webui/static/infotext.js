@@ -42,8 +42,20 @@ export const OVERRIDES = {
 // Keys that describe an image without changing how it is made, or that the prompt already carries
 // (Lora hashes: its <lora:...> tags apply the files): restored by nothing, and not worth a warning.
 const NO_EFFECT = new Set([
-  "Model", "Model hash", "Version", "TI hashes", "Lora hashes", "Batch size", "Batch pos", "User",
-  "VAE hash", "Init image hash", "Sampler", "Schedule type", "Sampling", "Seed resize from-1",
+  "Model",
+  "Model hash",
+  "Version",
+  "TI hashes",
+  "Lora hashes",
+  "Batch size",
+  "Batch pos",
+  "User",
+  "VAE hash",
+  "Init image hash",
+  "Sampler",
+  "Schedule type",
+  "Sampling",
+  "Seed resize from-1",
   "Seed resize from-2",
 ]);
 

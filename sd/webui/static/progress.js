@@ -1,5 +1,7 @@
 // While a request runs: poll /sdapi/v1/progress (as A1111 clients do) for the bar, the step, the time
-// left, a place in the queue when others are ahead, and the live preview of the latents.
+// left, and the live preview of the latents. The request carries its own id (A1111's force_task_id); our
+// server then says where it stands in the queue (queue_position: 0 running, n: n jobs ahead), so the bar
+// shows this request's progress, not another client's.
 
 import { get } from "./api.js";
 
@@ -12,13 +14,14 @@ function describe(state, answer) {
   const parts = [];
   if (answer.textinfo) parts.push(answer.textinfo);
   if (total) parts.push(`step ${step}/${total}`);
-  if (state?.job_count > 1 && state?.job_no !== undefined) parts.push(`batch ${state.job_no + 1}/${state.job_count}`);
+  if (state?.job_count > 1 && state?.job_no !== undefined)
+    parts.push(`batch ${state.job_no + 1}/${state.job_count}`);
   if (answer.eta_relative > 0) parts.push(`ETA ${Math.ceil(answer.eta_relative)} s`);
   return parts.join(" · ") || "waiting…";
 }
 
-// Start polling; the returned function stops it. `onPreview(url)` gets each new preview image.
-export function watchProgress(onPreview) {
+// Start polling for task `idTask`; the returned function stops it. `onPreview(url)` gets each new preview.
+export function watchProgress(idTask, onPreview) {
   const box = $("progress");
   const bar = $("progress_bar");
   const text = $("progress_text");
@@ -36,8 +39,15 @@ export function watchProgress(onPreview) {
   (async () => {
     while (running) {
       try {
-        const answer = await get("/sdapi/v1/progress?skip_current_image=false");
+        const query = new URLSearchParams({ skip_current_image: "false", id_task: idTask });
+        const answer = await get(`/sdapi/v1/progress?${query}`);
         if (!running) break;
+        if (answer.queue_position > 0) {
+          const ahead = answer.queue_position;
+          text.textContent = `queued: ${ahead} job${ahead === 1 ? "" : "s"} ahead`;
+          await new Promise((resolve) => setTimeout(resolve, POLL_MS));
+          continue;
+        }
         const fraction = Math.max(0, Math.min(1, Number(answer.progress) || 0));
         bar.style.width = `${(fraction * 100).toFixed(1)}%`;
         seen.push(fraction);
