@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -265,6 +266,9 @@ def test_token_count_is_a1111s() -> None:
     assert token_count(", ".join(["word"] * 40)) == (79, 150)
 
 
+JS_TYPES = ("text/javascript", "application/javascript")  # what a browser runs as a module
+
+
 def test_the_ui_routes() -> None:
     """POST /sd/tokens and GET /sd/model, through FastAPI as the server mounts them."""
     fastapi = pytest.importorskip("fastapi")
@@ -273,18 +277,32 @@ def test_the_ui_routes() -> None:
     from sd import TINY
     from sd.pipeline import Pipeline
     from sd.testing import random_models
-    from sd.webui import INDEX_HTML, router
+    from sd.webui import STATIC_DIR, mount
 
     pipe = Pipeline(random_models(TINY), model_name="tiny")
     app = fastapi.FastAPI()
-    app.include_router(router(lambda: pipe))
+    mount(app, lambda: pipe)
     client = TestClient(app)
     answer = client.post("/sd/tokens", json={"text": "a cat AND a dog, sitting", "steps": 20})
     assert answer.status_code == 200 and answer.json() == {"token_count": 4, "max_length": 75}
     assert client.post("/sd/tokens", json={"text": "x" * 200_000}).status_code == 422
     assert client.post("/sd/tokens", json={"text": "a", "steps": 0}).status_code == 422
     assert client.get("/sd/model").json() == {"native_size": pipe.native_size, "model_name": "tiny"}
-    assert '<script type="module" src="app.js">' in INDEX_HTML.read_text()
+    # The page and every file it loads (relative URLs), as a browser fetches them; nothing from elsewhere.
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    names = {path.name for path in STATIC_DIR.iterdir()} - {"index.html"}
+    for name in names:
+        answer = client.get(f"/{name}")
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-cache"
+        assert "http://" not in answer.text and "https://" not in answer.text, name
+    assert client.get("/app.js").headers["content-type"].split(";")[0] in JS_TYPES
+    loaded = set(re.findall(r'(?:src|href)="([\w.]+\.(?:js|css))"', page.text))
+    imported = {
+        i for name in names for i in re.findall(r'from "\./([\w.]+)"', (STATIC_DIR / name).read_text())
+    }
+    assert loaded | imported <= names and {"app.js", "style.css"} <= loaded
+    assert client.get("/nothing.js").status_code == 404
 
 
 # --- the tests in the browser ------------------------------------------------------------------------------
