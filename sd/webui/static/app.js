@@ -2,7 +2,7 @@
 // progress, and the gallery. Everything goes through the A1111 API, so what works here works for any
 // A1111 client, and the other way round.
 
-import { base64Of, get, getOr, post, readAsDataUrl } from "./api.js";
+import { base64Of, getOr, post, readAsDataUrl } from "./api.js";
 import { bindMirrors, getField, request, setField, setOptions } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { settingsFrom } from "./infotext.js";
@@ -64,7 +64,8 @@ async function loadNetworks() {
     getOr("/sdapi/v1/loras", []),
     getOr("/sdapi/v1/embeddings", { loaded: {} }),
   ]);
-  const loraNames = loras.map((l) => l.alias || l.name);
+  // The file name, which the server finds in its LoRA folder (an alias from metadata may not be found).
+  const loraNames = loras.map((l) => l.name);
   const embeddingNames = Object.keys(embeddings.loaded || {});
   $("lora_count").textContent = loraNames.length;
   $("embedding_count").textContent = embeddingNames.length;
@@ -162,8 +163,11 @@ function bindControls() {
     event.preventDefault();
     generate();
   });
-  $("interrupt").addEventListener("click", () => post("/sdapi/v1/interrupt").catch(() => {}));
-  gallery.onchange = () => {};
+  for (const action of ["interrupt", "skip"]) {
+    $(action).addEventListener("click", () =>
+      post(`/sdapi/v1/${action}`).catch((error) => status(`${action}: ${error.message}`, true)),
+    );
+  }
   $("to_img2img").addEventListener("click", () => {
     if (!gallery.shown) return;
     setInitImage(gallery.shown.url);
@@ -299,7 +303,7 @@ async function generate() {
   body.force_task_id = newTaskId();
   state.busy = true;
   $("generate").disabled = true;
-  $("interrupt").disabled = false;
+  $("interrupt").disabled = $("skip").disabled = false;
   status("");
   const stop = watchProgress(body.force_task_id, (url) => gallery.preview(url));
   const started = performance.now();
@@ -316,7 +320,7 @@ async function generate() {
   } finally {
     state.busy = false;
     $("generate").disabled = false;
-    $("interrupt").disabled = true;
+    $("interrupt").disabled = $("skip").disabled = true;
   }
 }
 
