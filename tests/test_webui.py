@@ -319,6 +319,9 @@ def test_the_page_offers_what_the_server_has(page: Any) -> None:
     assert value(page, "width") == value(page, "height") == "64"
     assert value(page, "steps") == "20" and value(page, "cfg_scale") == "7" and value(page, "seed") == "-1"
     assert element(page, "#img2img_panel").is_displayed() is False
+    # No script error while loading (a module that fails to load or throws is logged here).
+    logged = page.get_log("browser")
+    assert [e["message"] for e in logged if e["level"] == "SEVERE" and e["source"] != "network"] == []
 
 
 def test_token_counter_counts_as_a1111(page: Any) -> None:
