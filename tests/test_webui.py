@@ -417,6 +417,26 @@ def test_dropping_a_png_restores_its_settings(server: str, page: Any, tmp_path: 
     assert again.convert("RGB").tobytes() == made.convert("RGB").tobytes()
 
 
+def test_read_parameters_from_a_pasted_infotext(page: Any) -> None:
+    """A1111's ↙ button: an infotext pasted into the prompt box (copied from a web page) fills the form."""
+    infotext = (
+        "a lighthouse, (oil painting:1.2)\nNegative prompt: blurry, lowres\n"
+        'Steps: 33, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 77, Size: 128x96, Lora hashes: "ink: 01",'
+        " Version: v1.6.0, ENSD: 31337, Hires upscale: 2"
+    )
+    js(page, "const box = document.getElementById('prompt'); box.value = arguments[0];", infotext)
+    element(page, "#read_parameters").click()
+    wait(page, lambda: "restored" in element(page, "#status").text, timeout=10)
+    fields = ("prompt", "negative_prompt", "steps", "sampler_name", "scheduler", "cfg_scale", "seed", "width")
+    assert {f: value(page, f) for f in (*fields, "height")} == {
+        "prompt": "a lighthouse, (oil painting:1.2)", "negative_prompt": "blurry, lowres", "steps": "33",
+        "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": "6.5", "seed": "77", "width": "128",
+        "height": "96",
+    }  # fmt: skip
+    assert "ENSD: 31337" in element(page, "#overrides").text
+    assert element(page, "#restore_note").text == "not restored: Hires upscale"
+
+
 def test_restore_reads_old_a1111_names(page: Any) -> None:
     """infotext.js's rules for PNGs of older A1111s, as sd.params.GenerationParams.from_text reads them."""
     script = """

@@ -5,7 +5,7 @@
 import { base64Of, getOr, post, readAsDataUrl } from "./api.js";
 import { bindMirrors, getField, request, setField, setOptions } from "./form.js";
 import { Gallery } from "./gallery.js";
-import { settingsFrom } from "./infotext.js";
+import { parseInfotext, settingsFrom } from "./infotext.js";
 import { watchProgress } from "./progress.js";
 import { tokenCounter } from "./tokens.js";
 
@@ -173,6 +173,7 @@ function bindControls() {
     setInitImage(gallery.shown.url);
     showTab("img2img");
   });
+  $("read_parameters").addEventListener("click", readParameters);
   $("restore_shown").addEventListener("click", () => gallery.shown && restoreFrom(gallery.shown.url));
 }
 
@@ -231,34 +232,42 @@ function renderOverrides() {
 async function restoreFrom(dataUrl) {
   try {
     const answer = await post("/sdapi/v1/png-info", { image: base64Of(dataUrl) });
-    if (!answer.info) {
-      status("that image carries no generation parameters", true);
-      return;
-    }
-    const restored = settingsFrom(answer.parameters, state);
-    for (const [name, value] of Object.entries(restored.fields)) setField(name, value);
-    $("extra_panel").hidden = !restored.fields.extra;
-    state.overrides = Object.fromEntries(
-      Object.entries(restored.overrides).map(([option, { key, value }]) => [option, { key, value }]),
-    );
-    state.way = restored.way;
-    const model = restored.model;
-    const loaded = state.models.find((m) => m.title === $("checkpoint").value);
-    const match =
-      model.hash && state.models.find((m) => m.hash === model.hash || m.sha256?.startsWith(model.hash));
-    if (match && match !== loaded) {
-      state.overrides.sd_model_checkpoint = { key: "Model", value: match.title };
-    }
-    renderOverrides();
-    const notes = [];
-    if (model.hash && !match)
-      notes.push(`made with model ${model.name ?? "?"} [${model.hash}], which is not here`);
-    if (restored.unrestored.length) notes.push(`not restored: ${restored.unrestored.join(", ")}`);
-    $("restore_note").textContent = notes.join("; ");
-    status("settings restored from the PNG");
+    if (!answer.info) status("that image carries no generation parameters", true);
+    else applySettings(answer.parameters, "the PNG");
   } catch (error) {
     status(`png-info: ${error.message}`, true);
   }
+}
+
+// A1111's ↙ button: an infotext pasted into the prompt box, or (the box empty) the shown image's.
+function readParameters() {
+  const text = getField("prompt").trim() || gallery.shown?.infotext || "";
+  const parameters = text && parseInfotext(text);
+  if (parameters) applySettings(parameters, "the text");
+  else status("no generation parameters there (a settings line 'Steps: 20, Sampler: ..., ...')", true);
+}
+
+// png-info's (or parseInfotext's) parameters into the form, the override settings and the notes.
+function applySettings(parameters, source) {
+  const restored = settingsFrom(parameters, state);
+  for (const [name, value] of Object.entries(restored.fields)) setField(name, value);
+  $("extra_panel").hidden = !restored.fields.extra;
+  state.overrides = { ...restored.overrides };
+  state.way = restored.way;
+  const model = restored.model;
+  const loaded = state.models.find((m) => m.title === $("checkpoint").value);
+  const match =
+    model.hash && state.models.find((m) => m.hash === model.hash || m.sha256?.startsWith(model.hash));
+  if (match && match !== loaded) {
+    state.overrides.sd_model_checkpoint = { key: "Model", value: match.title };
+  }
+  renderOverrides();
+  const notes = [];
+  if (model.hash && !match)
+    notes.push(`made with model ${model.name ?? "?"} [${model.hash}], which is not here`);
+  if (restored.unrestored.length) notes.push(`not restored: ${restored.unrestored.join(", ")}`);
+  $("restore_note").textContent = notes.join("; ");
+  status(`settings restored from ${source}`);
 }
 
 function bindPageDrop() {

@@ -121,3 +121,44 @@ export function settingsFrom(params, { samplerNames = [], scheduleLabels = [] } 
     model: { name: params.Model, hash: params["Model hash"] },
   };
 }
+
+// A1111's re_param: a key, then a JSON-quoted value or anything up to the next comma.
+const PARAM = /\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)/g;
+const NEGATIVE = "Negative prompt:";
+
+const unquote = (value) => {
+  if (value.length >= 2 && value.startsWith('"') && value.endsWith('"')) {
+    try {
+      return JSON.parse(value);
+    } catch {
+      return value; // A1111 keeps such a value as it is
+    }
+  }
+  return value;
+};
+
+// An infotext pasted as text (from a web page, A1111's "Read generation parameters" button) -> the dict
+// /sdapi/v1/png-info answers for a PNG: sd.infotext.parse_infotext's rules, sizes split into key-1/-2.
+// null when the text has no settings line (at least three "Key: value" pairs on the last line).
+export function parseInfotext(text) {
+  const lines = text.trim().split("\n");
+  const last = lines.pop();
+  if ([...last.matchAll(PARAM)].length < 3) return null;
+  let prompt = "";
+  let negative = "";
+  let inNegative = false;
+  for (let line of lines) {
+    line = line.trim();
+    if (line.startsWith(NEGATIVE)) [inNegative, line] = [true, line.slice(NEGATIVE.length).trim()];
+    if (inNegative) negative += (negative ? "\n" : "") + line;
+    else prompt += (prompt ? "\n" : "") + line;
+  }
+  const parameters = { Prompt: prompt, "Negative prompt": negative };
+  for (const [, key, raw] of last.matchAll(PARAM)) {
+    const value = unquote(raw.trim());
+    const size = /^(\d+)x(\d+)$/.exec(value);
+    if (size) Object.assign(parameters, { [`${key.trim()}-1`]: size[1], [`${key.trim()}-2`]: size[2] });
+    else parameters[key.trim()] = value;
+  }
+  return parameters;
+}
