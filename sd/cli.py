@@ -407,17 +407,36 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import LOCAL_HOSTS, Service, make_server
+    from copy import copy
 
-    server = make_server(None, args.host, args.port)  # a taken port fails before the model loads
-    try:
-        server.service = Service(load_pipeline(args), args.way)
+    from .checkpoints import BUILTIN_MODEL, default_model_dir, find_checkpoint
+    from .server import LOCAL_HOSTS, Service, make_server, parse_api_auth
+
+    auth = parse_api_auth(args.api_auth) if args.api_auth else None
+    origins = (
+        [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()]
+        if args.cors_allow_origins
+        else None
+    )
+    server = make_server(None, args.host, args.port, auth=auth, cors_origins=origins,
+                         cors_regex=args.cors_allow_origins_regex, log_level="info")  # fmt: skip
+    try:  # a taken port fails above, before the model loads
+        checkpoint = find_checkpoint(args.ckpt) or BUILTIN_MODEL
+
+        def loader(path):  # sd_model_checkpoint: another file, with the same --device, --dtype, ...
+            again = copy(args)
+            again.ckpt = str(path)
+            return load_pipeline(again)
+
+        flags = {k: v for k, v in vars(args).items() if k != "run"} | {"api_auth": None}  # no secrets out
+        server.service = Service(load_pipeline(args), args.way, models_dir=default_model_dir(),
+                                 checkpoint=checkpoint, loader=loader, flags=flags)  # fmt: skip
         host, port = server.server_address[:2]
-        if args.host not in LOCAL_HOSTS:
-            print(f"warning: listening on {args.host}: anyone who can reach port {port} can use the model",
-                  file=sys.stderr)  # fmt: skip
-        print(f"serving at http://{host}:{port}/ (A1111-style API under /sdapi/v1; Ctrl-C stops)",
-              file=sys.stderr)  # fmt: skip
+        if args.host not in LOCAL_HOSTS and not auth:
+            print(f"warning: listening on {args.host}: anyone who can reach port {port} can use the model "
+                  "(--api-auth user:password to ask for one)", file=sys.stderr)  # fmt: skip
+        print(f"serving at http://{host}:{port}/ (web UI; A1111's API under /sdapi/v1, its pages at /docs; "
+              "Ctrl-C stops)", file=sys.stderr)  # fmt: skip
         server.serve_forever()
     except KeyboardInterrupt:
         print("sd serve: stopped", file=sys.stderr)
@@ -596,16 +615,17 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the model over HTTP (an AUTOMATIC1111-style API)",
         description="""Load the model once and answer HTTP requests, in the shape of AUTOMATIC1111's API:
-  POST /sdapi/v1/txt2img   JSON with A1111's fields: prompt, negative_prompt, seed (-1: random), steps,
-                           cfg_scale, sampler_name ("DPM++ 2M", "Euler a", ... or ours), scheduler
+  GET  /                   a web UI;  /docs: every route and field of the API
+  POST /sdapi/v1/txt2img   JSON with A1111's fields and defaults: prompt, negative_prompt, seed (-1: random),
+                           steps, cfg_scale, sampler_name ("DPM++ 2M", "Euler a", ... or ours), scheduler
                            ("Karras", ...), width, height, batch_size, n_iter, subseed, subseed_strength,
-                           seed_resize_from_w/h, eta, clip_skip, override_settings (A1111's option names)
+                           seed_resize_from_w/h, eta, override_settings (A1111's option names), ...
   POST /sdapi/v1/img2img   the same, plus init_images (one base64 image) and denoising_strength
-  GET  /sdapi/v1/progress  how far the running job is;  POST /sdapi/v1/interrupt stops it
-  GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/options
+  GET  /sdapi/v1/progress  the running job and the queue;  POST /sdapi/v1/interrupt stops it
+  GET|POST /sdapi/v1/options, GET /sdapi/v1/samplers, /schedulers, /sd-models, /sd-vae, /loras, ...
 Images are made A1111's way (its samplers, noise and pixels) unless --way diffusers or a request's
-"way" says otherwise. Answers hold base64 PNGs with their parameters inside. One job runs at a time;
-bad requests get status 400 and a one-line "detail".""",
+"way" says otherwise. Answers hold base64 PNGs with their parameters inside. One job runs at a time,
+the others wait in line (first come, first served); bad requests get a 4xx status and a one-line "detail".""",
         epilog="""examples:
   sd serve                                  # http://127.0.0.1:7860, this machine only
   sd serve --ckpt v1-5-pruned-emaonly.safetensors --dtype bf16
@@ -627,6 +647,19 @@ bad requests get status 400 and a one-line "detail".""",
         default="a1111",
         help='how images are made unless a request says (its "way" field): a1111, as AUTOMATIC1111 makes '
         "them (its samplers, schedules, noise and pixels), or diffusers (default a1111)",
+    )
+    serve.add_argument(
+        "--api-auth",
+        metavar="USER:PASS[,USER2:PASS2]",
+        help="ask every request for HTTP Basic credentials (A1111's flag); advised with --host 0.0.0.0",
+    )
+    serve.add_argument(
+        "--cors-allow-origins",
+        metavar="ORIGINS",
+        help="comma-separated origins whose web pages may call the API (default: none, CORS off)",
+    )
+    serve.add_argument(
+        "--cors-allow-origins-regex", metavar="REGEX", help="the same, as a regular expression"
     )
     add_model_options(serve)
     serve.set_defaults(run=cmd_serve)
