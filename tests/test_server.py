@@ -56,8 +56,9 @@ def same_pixels(a: Image.Image, b: Image.Image) -> bool:
 
 
 def a1111(pipe: Pipeline, prompt: str, negative: str = "", image=None, num_images: int = 1, **fields):
-    """What the Python API makes A1111's way (the server's default) with A1111's request defaults."""
-    fields = {"sampler": "DPM++ 2M", "cfg_scale": 7.0, "steps": 20, **SIZE, **fields}
+    """What the Python API makes A1111's way (the server's default) with A1111's API defaults (Euler, 50
+    steps: its sampler_index default and StableDiffusionProcessing's)."""
+    fields = {"sampler": "Euler", "cfg_scale": 7.0, "steps": 50, **SIZE, **fields}
     return pipe.run(GenerationParams(prompt, negative, a1111=True, **fields), image, num_images)
 
 
@@ -90,7 +91,7 @@ def test_a1111_sampler_and_scheduler_names(served):
         {"sampler_name": "DPM++ 2M Karras"},  # older clients fold the schedule into the name
         {"sampler_name": "dpmpp_2m", "scheduler": "karras"},
     )]  # fmt: skip
-    expected = a1111(pipe, "a boat", steps=5, seed=3, schedule="Karras")
+    expected = a1111(pipe, "a boat", steps=5, seed=3, sampler="DPM++ 2M", schedule="Karras")
     automatic = call(url, "/sdapi/v1/txt2img", {**base, "sampler_name": "DPM++ 2M"})[1]  # its own: Karras
     for answer in [*karras, automatic]:
         assert same_pixels(images_of(answer)[0], expected[0])
@@ -173,8 +174,28 @@ _png = io.BytesIO()
 Image.new("RGB", (64, 64), "red").save(_png, format="PNG")
 RED_PNG = base64.b64encode(_png.getvalue()).decode()
 BAD_REQUESTS = {
-    "prompt not text": ("txt2img", {"prompt": 3}, "prompt must be str"),
-    "seed not a number": ("txt2img", {"seed": "abc"}, "seed must be int"),
+    "prompt not text": ("txt2img", {"prompt": 3}, "prompt: Input should be a valid string"),
+    "seed not a number": ("txt2img", {"seed": "abc"}, "seed: Input should be a valid integer"),
+    "seed a fraction": ("txt2img", {"seed": 1.5}, "seed: Input should be a valid integer"),
+    "CFG not a number": ("txt2img", {"cfg_scale": "high"}, "cfg_scale: Input should be a valid number"),
+    "CFG NaN": ("txt2img", b'{"cfg_scale": NaN}', "cfg_scale: Input should be a finite number"),
+    "steps infinite": ("txt2img", b'{"steps": Infinity}', "steps:"),
+    "huge size": ("txt2img", {"width": 100000, "height": 100000}, "width must be a multiple of 8 between"),
+    "huge batch": ("txt2img", {"batch_size": 10**9}, f"at most {MAX_IMAGES} images"),
+    "huge steps": ("txt2img", {"steps": 10**9}, "steps must be at most"),
+    "1 MB prompt": ("txt2img", {"prompt": "a" * 2**20}, "prompt is 1048576 characters"),
+    "override_settings not an object": ("txt2img", {"override_settings": [1]}, "override_settings:"),
+    "unknown script": ("txt2img", {"script_name": "x/y/z plot"}, "Script 'x/y/z plot' not found"),
+    "resize mode": (
+        "img2img",
+        {"init_images": [RED_PNG], "resize_mode": 2},
+        "resize_mode 2 is not supported",
+    ),
+    "VAE swap": (
+        "txt2img",
+        {"override_settings": {"sd_vae": "nope.safetensors"}},
+        "sd_vae 'nope.safetensors'",
+    ),
     "width not a multiple of 8": ("txt2img", {"width": 100}, "width must be a multiple of 8"),
     "no steps": ("txt2img", {"steps": 0}, "steps must be at least 1"),
     "negative CFG": ("txt2img", {"cfg_scale": -1}, "CFG scale"),
@@ -194,7 +215,7 @@ BAD_REQUESTS = {
     ),
     "unknown noise source": ("txt2img", {"override_settings": {"randn_source": "TPU"}}, "RNG source"),
     "ENSD not a number": ("txt2img", {"override_settings": {"eta_noise_seed_delta": "x"}}, "must be int"),
-    "subseed strength not a number": ("txt2img", {"subseed_strength": "a lot"}, "subseed_strength must be"),
+    "subseed strength not a number": ("txt2img", {"subseed_strength": "a lot"}, "subseed_strength: Input"),
     "too many images": ("txt2img", {"batch_size": MAX_IMAGES, "n_iter": 2}, f"at most {MAX_IMAGES}"),
     "clip skip not a number": (
         "txt2img",
@@ -203,7 +224,7 @@ BAD_REQUESTS = {
     ),
     "bad emphasis weight": ("txt2img", {"prompt": "(a:1.2.3)"}, "'1.2.3' in ':1.2.3)' is not a number"),
     "unknown emphasis": ("txt2img", {"override_settings": {"emphasis": "Loud"}}, "emphasis must be one of"),
-    "body is a list": ("txt2img", [1], "JSON object"),
+    "body is a list": ("txt2img", [1], "body: Input should be a valid dictionary"),
     "body not JSON": ("txt2img", b"{nope", "not JSON"),
     "no init image": ("img2img", {"prompt": "x"}, "needs init_images"),
     "init image not base64": ("img2img", {"init_images": ["@@"]}, "not valid base64"),
@@ -213,26 +234,95 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("route, body, fragment", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
-def test_bad_requests_get_400_and_one_line(served, route, body, fragment):
+def test_bad_requests_get_4xx_and_one_line(served, route, body, fragment):
+    """Wrong types get FastAPI's 422 (as A1111's), our own checks 400 (413 for a prompt too long to read)."""
     url, _ = served
     status, answer = call(url, f"/sdapi/v1/{route}", body)
-    assert status == 400, answer
+    assert status in (400, 413, 422), answer
     assert fragment in answer["detail"] and "\n" not in answer["detail"], answer
 
 
 def test_routes_and_unknown_paths(served):
     url, _ = served
-    status, index = call(url, "/")
-    assert status == 200 and "POST /sdapi/v1/txt2img" in index["routes"]
+    with urllib.request.urlopen(
+        url + "/", timeout=30
+    ) as answer:  # the web UI (or a page saying it is missing)
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/html")
+    status, schema = call(url, "/openapi.json")
+    assert status == 200 and {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options"} <= set(
+        schema["paths"]
+    )
     _, samplers = call(url, "/sdapi/v1/samplers")
     by_name = {s["name"]: s for s in samplers}
-    assert "dpmpp_2m" in by_name and "euler_a" in by_name
+    assert "DPM++ 2M" in by_name and "dpmpp_2m" in by_name and "euler_a" in by_name
     _, models = call(url, "/sdapi/v1/sd-models")
     assert models[0]["title"] == "tiny [0123456789]"
     assert call(url, "/sdapi/v1/options")[1]["sd_model_checkpoint"] == "tiny [0123456789]"
     status, answer = call(url, "/sdapi/v1/txt2imgs", {})
     assert status == 404 and "no route POST /sdapi/v1/txt2imgs" in answer["detail"]
-    assert call(url, "/sdapi/v1/txt2img")[0] == 404  # GET of a POST route
+    assert call(url, "/sdapi/v1/txt2img")[0] == 405  # GET of a POST route (FastAPI's answer, as A1111's)
+
+
+A1111_LISTINGS = {
+    "/sdapi/v1/schedulers": list, "/sdapi/v1/sd-vae": list, "/sdapi/v1/loras": list,
+    "/sdapi/v1/upscalers": list, "/sdapi/v1/latent-upscale-modes": list, "/sdapi/v1/prompt-styles": list,
+    "/sdapi/v1/scripts": dict, "/sdapi/v1/cmd-flags": dict, "/sdapi/v1/memory": dict,
+    "/sdapi/v1/embeddings": dict, "/sdapi/v1/hypernetworks": list, "/sdapi/v1/face-restorers": list,
+}  # fmt: skip
+
+
+def test_every_a1111_listing_answers_in_its_shape(served):
+    url, _ = served
+    for path, kind in A1111_LISTINGS.items():
+        status, answer = call(url, path)
+        assert status == 200 and isinstance(answer, kind), (path, answer)
+    assert call(url, "/sdapi/v1/scripts")[1] == {"txt2img": [], "img2img": []}
+    assert {"ram", "cuda"} <= set(call(url, "/sdapi/v1/memory")[1])
+    assert {"loaded", "skipped"} <= set(call(url, "/sdapi/v1/embeddings")[1])
+    assert {"Latent", "Latent (antialiased)"} <= {
+        m["name"] for m in call(url, "/sdapi/v1/latent-upscale-modes")[1]
+    }
+    for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae", "skip", "interrupt"):
+        assert call(url, f"/sdapi/v1/{path}", {})[0] == 200, path
+
+
+def test_options_take_effect_and_read_back(served):
+    url, pipe = served
+    request = {"prompt": "a house", "seed": 2, "steps": 3, **SIZE}
+    try:
+        assert (
+            call(
+                url,
+                "/sdapi/v1/options",
+                {
+                    "CLIP_stop_at_last_layers": 2,
+                    "eta_noise_seed_delta": 31337,
+                    "randn_source": "CPU",
+                    "samples_format": "jpg",
+                },
+            )[0]
+            == 200
+        )
+        options = call(url, "/sdapi/v1/options")[1]
+        assert (options["CLIP_stop_at_last_layers"], options["randn_source"]) == (2, "CPU")
+        status, answer = call(url, "/sdapi/v1/txt2img", {**request, "sampler_name": "Euler a"})
+        expected = a1111(pipe, "a house", steps=3, seed=2, clip_skip=2, ensd=31337, rng="CPU",
+                         sampler="Euler a")[0]  # fmt: skip
+        assert status == 200 and same_pixels(images_of(answer)[0], expected)
+        assert "Clip skip: 2" in images_of(answer)[0].info["parameters"]
+        # a request's override_settings still win over the server's options
+        override = {**request, "override_settings": {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU",
+                                                     "eta_noise_seed_delta": 0}}  # fmt: skip
+        assert same_pixels(images_of(call(url, "/sdapi/v1/txt2img", override)[1])[0], a1111(pipe, "a house",
+                           steps=3, seed=2)[0])  # fmt: skip
+        status, answer = call(url, "/sdapi/v1/options", {"CLIP_stop_at_last_layers": "two"})
+        assert status == 400 and "CLIP_stop_at_last_layers must be int" in answer["detail"]
+        status, answer = call(url, "/sdapi/v1/options", {"sd_model_checkpoint": "nope.safetensors"})
+        assert status == 400 and "model 'nope.safetensors' not found" in answer["detail"]
+        assert call(url, "/sdapi/v1/options", {"sd_model_checkpoint": "tiny [0123456789]"})[0] == 200
+    finally:
+        call(url, "/sdapi/v1/options", {"CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
+                                        "randn_source": "GPU"})  # fmt: skip
 
 
 def test_an_oversized_body_is_refused_unread(served):
@@ -295,7 +385,8 @@ def test_a_request_as_a1111_clients_send_it(served):
 def test_png_info_reads_an_infotext_as_a1111(served):
     url, _ = served
     _, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a pier, (fog:1.2)", "negative_prompt": "rain",
-                                                "seed": 12, "steps": 2, **SIZE})  # fmt: skip
+                                                "seed": 12, "steps": 2, "sampler_name": "DPM++ 2M",
+                                                **SIZE})  # fmt: skip
     status, info = call(url, "/sdapi/v1/png-info", {"image": answer["images"][0]})
     assert status == 200 and info["info"] == images_of(answer)[0].info["parameters"]
     parameters = info["parameters"]
@@ -320,27 +411,85 @@ def test_long_prompts_are_whole_and_unapplied_tags_are_reported(served):
     assert any("<hypernet:x:1>" in w for w in json.loads(answer["info"])["warnings"])
 
 
+def _wait_for_step(url: str, step: int, deadline_s: float = 60) -> dict:
+    deadline = time.monotonic() + deadline_s
+    progress = call(url, "/sdapi/v1/progress")[1]
+    while progress["state"]["sampling_step"] < step and time.monotonic() < deadline:
+        time.sleep(0.02)
+        progress = call(url, "/sdapi/v1/progress")[1]
+    return progress
+
+
 def test_progress_while_running_and_interrupt(served):
     url, _ = served
     results = {}
-    request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", **SIZE}
+    request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", "seed": 1, **SIZE}
     worker = threading.Thread(target=lambda: results.update(answer=call(url, "/sdapi/v1/txt2img", request)))
     worker.start()
-    deadline = time.monotonic() + 60
-    progress = call(url, "/sdapi/v1/progress")[1]
-    while progress["state"]["sampling_step"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-        progress = call(url, "/sdapi/v1/progress")[1]
+    progress = _wait_for_step(url, 3)
     assert progress["state"]["sampling_steps"] == 1000 and progress["state"]["job_count"] == 1
     assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))  # the latents, as RGB
+    assert preview.size == (8, 8) and preview.mode == "RGB"
+    assert call(url, "/sdapi/v1/progress?skip_current_image=true")[1]["current_image"] is None
     assert call(url, "/sdapi/v1/interrupt", {})[0] == 200
     worker.join(60)
     status, answer = results["answer"]
-    assert status == 409 and "interrupted at step" in answer["detail"], answer
+    assert status == 200, answer  # A1111: the interrupted job answers with what it has
+    info = json.loads(answer["info"])
+    assert info["interrupted"] and info["all_seeds"] == [1] and len(answer["images"]) == 1
+    assert "Steps: 1000" in images_of(answer)[0].info["parameters"]
     after = call(url, "/sdapi/v1/progress")[1]
     assert after["state"]["job_count"] == 0 and after["progress"] == 0
     # The next job runs normally: the interrupt belonged to the one before.
     assert call(url, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, **SIZE})[0] == 200
+
+
+def test_skip_ends_a_batch_and_the_job_goes_on(served):
+    url, pipe = served
+    results = {}
+    request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", "seed": 5, "n_iter": 2, **SIZE}
+    worker = threading.Thread(target=lambda: results.update(answer=call(url, "/sdapi/v1/txt2img", request)))
+    worker.start()
+    _wait_for_step(url, 3)
+    assert call(url, "/sdapi/v1/skip", {})[0] == 200
+    deadline = time.monotonic() + 60
+    while call(url, "/sdapi/v1/progress")[1]["state"]["job_no"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert call(url, "/sdapi/v1/interrupt", {})[0] == 200
+    worker.join(60)
+    status, answer = results["answer"]
+    assert status == 200 and json.loads(answer["info"])["all_seeds"] == [5, 6], answer
+
+
+def test_waiting_clients_see_their_place_in_the_queue(served):
+    url, _ = served
+    results: dict[str, tuple] = {}
+    slow = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", **SIZE}
+    threads = [threading.Thread(target=lambda: results.update(first=call(url, "/sdapi/v1/txt2img", slow)))]
+    threads[0].start()
+    _wait_for_step(url, 1)
+    for name in ("second", "third"):
+        body = {"prompt": name, "steps": 1, "force_task_id": name, **SIZE}
+        threads.append(threading.Thread(target=lambda n=name, b=body: results.update({n: call(
+            url, "/sdapi/v1/txt2img", b)})))  # fmt: skip
+        threads[-1].start()
+        deadline = time.monotonic() + 30
+        while call(url, f"/sdapi/v1/progress?id_task={name}")[1]["queue_position"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    progress = call(url, "/sdapi/v1/progress?id_task=third")[1]
+    assert [q["id_task"] for q in progress["queue"]] == ["second", "third"] and progress[
+        "queue_position"
+    ] == 2
+    assert progress["state"]["queue_size"] == 2
+    status, internal = call(url, "/internal/progress", {"id_task": "second", "id_live_preview": -1})
+    assert status == 200 and internal["queued"] and not internal["active"] and internal["queue_position"] == 1
+    call(url, "/sdapi/v1/interrupt", {})
+    for thread in threads:
+        thread.join(60)
+    assert all(results[name][0] == 200 for name in ("first", "second", "third")), results
+    assert call(url, "/internal/progress", {"id_task": "third"})[1]["completed"]
 
 
 def test_serve_defaults_to_this_machine_only():

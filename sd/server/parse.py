@@ -290,7 +290,7 @@ def parse_request(
         unread |= {name for name in body if name.startswith(("subseed", "seed_resize", "s_"))}
     if body.get("send_images") is not None:
         unread.add("send_images")  # honoured (false: no images), yet it cannot change an image
-    known = set(OPTIONS) | set(HARMLESS_OPTIONS)
+    known = set(OPTIONS)  # the rest (HARMLESS_OPTIONS too) cannot change the image
     request = Request(
         params,
         batch_size=get("batch_size", int, 1),

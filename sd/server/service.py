@@ -371,7 +371,7 @@ class Service:
         """Load another checkpoint in place of this one (worker thread only); the folders and settings of
         the old pipeline carry over."""
         found = self.find_checkpoint(wanted)
-        if found is self._current() or (self.checkpoint and found.path == self.checkpoint.path):
+        if found == self._current():  # already loaded
             return
         print(f"loading {found.path} ...", flush=True)
         old = self.pipe
