@@ -101,10 +101,14 @@ def test_a1111_sampler_and_scheduler_names(served):
         assert status == 200, answer
         assert not same_pixels(images_of(answer)[0], expected[0])
     # diffusers' way, when a request asks
-    status, answer = call(url, "/sdapi/v1/txt2img", {**base, **names_diffusers, "way": "diffusers"})
+    # eta as A1111 clients send it: it means nothing to DPM++ 2M (listed as ignored), as in A1111
+    status, answer = call(
+        url, "/sdapi/v1/txt2img", {**base, **names_diffusers, "way": "diffusers", "eta": 1.0}
+    )
     assert status == 200, answer
     ours = pipe.txt2img("a boat", steps=5, cfg_scale=7.0, sampler="dpmpp_2m", karras=True, seed=3, **SIZE)
     assert same_pixels(images_of(answer)[0], ours[0]) and "Sampling: diffusers" in ours[0].info["parameters"]
+    assert "eta" in json.loads(answer["info"])["ignored_fields"]
 
 
 def test_clip_skip_as_a1111_clients_send_it(served):
@@ -446,7 +450,7 @@ def test_progress_while_running_and_interrupt(served):
 
 
 def test_skip_ends_a_batch_and_the_job_goes_on(served):
-    url, pipe = served
+    url, _ = served
     results = {}
     request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", "seed": 5, "n_iter": 2, **SIZE}
     worker = threading.Thread(target=lambda: results.update(answer=call(url, "/sdapi/v1/txt2img", request)))

@@ -154,7 +154,7 @@ def _validation_detail(error: RequestValidationError) -> str:
 
 def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex: str | None = None,
              auth: dict[str, str] | None = None, body_timeout: float = BODY_TIMEOUT_S,
-             static_dir: Path = STATIC_DIR) -> FastAPI:  # fmt: skip
+             max_body: int = MAX_BODY_BYTES, static_dir: Path = STATIC_DIR) -> FastAPI:  # fmt: skip
     """The ASGI application over `service` (see the module docstring for the guards)."""
     app = FastAPI(title="sd", description="Stable Diffusion 1.x, served with AUTOMATIC1111's API",
                   version="1.10.1-sd")  # fmt: skip
@@ -290,7 +290,7 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
         # Listings are read from disk on every call: there is nothing to refresh.
         app.add_api_route(path, _nothing, methods=["POST"], tags=["listings"], name=path.rsplit("/", 1)[1])
 
-    guarded: Any = BodyGuard(app, timeout=body_timeout)
+    guarded: Any = BodyGuard(app, limit=max_body, timeout=body_timeout)
     if cors_origins or cors_regex:
         from starlette.middleware.cors import CORSMiddleware
 

@@ -27,6 +27,7 @@ from ..noise import check_source
 from ..params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
 from ..pipeline import check_settings, check_size, model_calls, new_seed
 from ..prompts import check_prompt
+from ..samplers import ALIASES
 from ..samplers.sigmas import SCHEDULE_TYPES, schedule_type
 
 MAX_IMAGES = 16  # batch_size x n_iter per request
@@ -272,7 +273,9 @@ def parse_request(
     else:
         sampler, karras = sampler_of(sampler_name, get("scheduler", str) or "automatic")
         params = replace(params, sampler=sampler, karras=karras)
-        eta = float(get("eta", (int, float), 0.0))
+        # A1111 clients send eta (1.0) whatever the sampler, and A1111 applies it only where it means
+        # something: here that is DDIM alone.
+        eta = float(get("eta", (int, float), 0.0)) if ALIASES.get(sampler, sampler) == "ddim" else 0.0
     for name, feature in UNSUPPORTED_YET.items():  # a wrong image that looks like success is worse
         if body.get(name):
             raise BadRequestError(f"{name}: {feature} is not supported yet; leave it out (or false)")
@@ -288,6 +291,8 @@ def parse_request(
     unread = set(body) - read
     if way == "diffusers":  # A1111's own fields do nothing there
         unread |= {name for name in body if name.startswith(("subseed", "seed_resize", "s_"))}
+        if "eta" in body and not eta:
+            unread.add("eta")
     if body.get("send_images") is not None:
         unread.add("send_images")  # honoured (false: no images), yet it cannot change an image
     known = set(OPTIONS)  # the rest (HARMLESS_OPTIONS too) cannot change the image
