@@ -37,6 +37,14 @@ from .config import ScheduleConfig
 from .decoder import decode_in_tiles
 from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
+from .hires import (
+    SecondPass,
+    check_hires,
+    run_second_pass,
+    second_pass_params,
+    second_pass_start,
+    second_pass_steps,
+)
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
 from .networks import ActiveLora, LoraCache, WeightMerger, find_lora, lora_hashes
@@ -117,6 +125,13 @@ def bind_a1111_sampler(params: GenerationParams, schedule: ScheduleConfig):
 def model_calls(params: GenerationParams, schedule: ScheduleConfig) -> int:
     """U-Net steps of one batch (for progress; nominal for DPM adaptive); ValueError for settings the
     sampler refuses (e.g. a strength that leaves no steps)."""
+    if params.enable_hr:  # txt2img, then the second pass (its strength is the hires one)
+        first = model_calls(replace(params, enable_hr=False, strength=None), schedule)
+        second = second_pass_params(params)
+        if not params.a1111:
+            return first + model_calls(second, schedule)
+        sampler = bind_a1111_sampler(second, schedule)
+        return first + sampler.calls(second_pass_start(sampler, second_pass_steps(params)))
     if params.a1111:
         sampler = bind_a1111_sampler(params, schedule)
         return sampler.calls(sampler.img2img_start(params.strength) if params.strength else 0)
@@ -266,15 +281,20 @@ class Pipeline:
             found.append(ActiveLora(tag.name, self._lora_files.load(path, self.config), te, unet))
         return found
 
-    def condition(self, params: GenerationParams, total_steps: int) -> Conditioning:
-        """The run's conditioning over `total_steps` prompt-editing steps: A1111 prompt syntax, any length,
-        embeddings; each distinct text encoded once. <lora:...> tags are taken out of the prompt and their
-        files merged (after `set_loras`' set) before the text encoder runs, as A1111 does."""
+    def condition(
+        self, params: GenerationParams, total_steps: int, hires_steps: int | None = None
+    ) -> Conditioning:
+        """The run's conditioning over `total_steps` prompt-editing steps (`hires_steps`: of a hires pass
+        after such a first pass): A1111 prompt syntax, any length, embeddings; each distinct text encoded
+        once. <lora:...> tags are taken out of the prompt and their files merged (after `set_loras`' set)
+        before the text encoder runs, as A1111 does."""
         prompt, tags = extract_networks(params.prompt)
         self._apply_loras([*self._loras, *self._tag_loras(tags)])
         encoder = self.prompt_encoder(params.clip_skip, params.emphasis)
-        conditioning = condition(encoder, prompt, params.negative_prompt, total_steps, params.pad_conds,
-                                 old_scheduling=params.old_prompt_editing)  # fmt: skip
+        conditioning = condition(
+            encoder, prompt, params.negative_prompt, total_steps, params.pad_conds,
+            old_scheduling=params.old_prompt_editing, hires_steps=hires_steps,
+        )  # fmt: skip
         self._release("clip")
         return conditioning
 
@@ -363,12 +383,23 @@ class Pipeline:
         check_settings(params.steps, params.cfg_scale, params.strength)
         if num_images < 1:
             raise ValueError(f"number of images must be at least 1, got {num_images}")
+        if params.enable_hr:
+            if image is not None:
+                raise ValueError("the hires fix is for txt2img; an init image makes this img2img")
+            size = check_hires(params)
+            try:
+                check_size(size.width, size.height, self.config.vae.downscale)
+            except ValueError as error:
+                raise ValueError(f"hires fix to {size.width}x{size.height}: {error}") from None
         if image is not None and image.size != (params.width, params.height):
             image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
         down = self.config.vae.downscale
         shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
         run = self._sample_a1111 if params.a1111 else self._sample_diffusers
         latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image)
+        if params.enable_hr:
+            latents, second = run_second_pass(self, params, latents, eta, callback)
+            resolved = {**resolved, **second}
         pixels = self.decode(latents, truncate=params.a1111)
         params = replace(params, ti_hashes=ti_hashes(conditioning.embeddings), pad_conds=guidance.padded,
                          lora_hashes=lora_hashes(self.active_loras), unhonoured=(), **resolved)  # fmt: skip
@@ -384,19 +415,21 @@ class Pipeline:
             return replace(params, batch_size=count, batch_pos=index)
         return params.a1111_image(index)  # A1111's way: each image its own seed (or subseed), as A1111 writes
 
-    def _sample_diffusers(self, params, shape, eta, callback, image):
-        """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order."""
+    def _sample_diffusers(self, params, shape, eta, callback, image, init=None):
+        """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order. `init`:
+        (clean latents, generator) to run img2img from instead of an image (the hires pass)."""
         sampler = get_sampler(params.sampler, params.steps, self.config.schedule, params.karras, eta)
-        generator = torch.Generator("cpu").manual_seed(params.seed)
+        generator = torch.Generator("cpu").manual_seed(params.seed) if init is None else init[1]
         conditioning = self.condition(params, sampler.num_steps * sampler.order)
         guidance = Guidance(conditioning, params.cfg_scale)
         start = 0
-        if image is None:
+        if image is None and init is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
             latents = noise.to(self.device) * sampler.init_noise_sigma
         else:
             start = sampler.start_index(params.strength)
-            clean = self.encode_image(image, generator).float().expand(shape[0], -1, -1, -1)
+            clean = init[0] if init is not None else self.encode_image(image, generator).float()
+            clean = clean.to(self.device).expand(shape[0], -1, -1, -1)
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = sampler.add_noise(clean, noise, start)
         step = None
@@ -405,10 +438,14 @@ class Pipeline:
                 callback(step)
         return step.latents, conditioning, guidance, {}
 
-    def _sample_a1111(self, params, shape, eta, callback, image):
-        """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image."""
+    def _sample_a1111(self, params, shape, eta, callback, image, init: SecondPass | None = None):
+        """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image. `init`:
+        the hires pass's start (sd.hires), img2img from its latents for exactly its steps."""
         sampler = bind_a1111_sampler(params, self.config.schedule)
-        conditioning = self.condition(params, sampler.total_steps)
+        if init is None:
+            conditioning = self.condition(params, sampler.total_steps)
+        else:  # A1111's hires conds: prompt-editing steps counted on from the first pass's
+            conditioning = self.condition(params, init.first_total, hires_steps=init.hires_total)
         cfg_scale = params.cfg_scale
         if isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp:
             cfg_scale *= CFGPP_SCALE  # DDIM CFG++ guides at a fraction of the scale (the PNG keeps the scale)
@@ -419,9 +456,13 @@ class Pipeline:
                            params.seed_resize_from, params.ensd)  # fmt: skip
         x = noise.next().to(self.device)
         if isinstance(sampler, TimestepsSampler):
-            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image)
+            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image,
+                                          init)  # fmt: skip
         start = 0
-        if image is None:
+        if init is not None:
+            start = second_pass_start(sampler, init.steps)
+            x = init.latents.to(self.device) + x * sampler.sigmas[start]
+        elif image is None:
             x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
         else:
             # A1111 samples the VAE posterior from an RNG the seed does not control: the mean is the
@@ -456,17 +497,23 @@ class Pipeline:
 
         total = sampler.calls(start)
         latents = x
-        for index, latents in enumerate(sampler.sample(model, x, noise, start, img2img=image is not None)):
+        img2img = image is not None or init is not None
+        for index, latents in enumerate(sampler.sample(model, x, noise, start, img2img=img2img)):
             if callback is not None:
                 callback(Step(index, total, timestep[0], latents))
         self._release("diffusion")
         # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
         return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
 
-    def _sample_timesteps(self, sampler, params, x, noise, guidance, conditioning, callback, image):
+    def _sample_timesteps(
+        self, sampler, params, x, noise, guidance, conditioning, callback, image, init=None
+    ):  # fmt: skip
         """A1111's own DDIM, PLMS and UniPC: CFG on the U-Net's eps at (integer or continuous) timesteps."""
         start = 0
-        if image is None:
+        if init is not None:
+            start = second_pass_start(sampler, init.steps)
+            x = sampler.img2img_latent(init.latents.to(self.device), x, start)
+        elif image is None:
             x = sampler.txt2img_latent(x)
         else:
             start = sampler.img2img_start(params.strength)
@@ -549,12 +596,37 @@ class Pipeline:
         num_images: int = 1,
         clip_skip: int = 1,
         callback: StepCallback | None = None,
+        *,
+        enable_hr: bool = False,
+        hr_scale: float = 2.0,
+        hr_upscaler: str | None = None,
+        hr_second_pass_steps: int = 0,
+        denoising_strength: float = 0.75,
+        hr_resize_x: int = 0,
+        hr_resize_y: int = 0,
+        hr_sampler_name: str | None = None,
+        hr_scheduler: str | None = None,
+        hr_prompt: str = "",
+        hr_negative_prompt: str = "",
     ) -> list[Image.Image]:
         """Images for `prompt`, `native_size` square unless told; each PIL image carries its generation
-        parameters in `image.info`."""
+        parameters in `image.info`.
+
+        `enable_hr`: A1111's hires fix (sd.hires), with A1111's API names and defaults: upscale by
+        `hr_scale` (or to `hr_resize_x` x `hr_resize_y`, one of them 0: that side from the aspect) with
+        `hr_upscaler` (None: "Latent"; "Latent (bicubic)", ..., "Lanczos", "Nearest", "None"), then
+        `hr_second_pass_steps` (0: `steps`) at `denoising_strength`, with `hr_sampler_name`,
+        `hr_scheduler`, `hr_prompt`, `hr_negative_prompt` where given (else the first pass's)."""
         seed = new_seed() if seed is None else seed
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, None, clip_skip)  # fmt: skip
+        if enable_hr:
+            params = replace(
+                params, enable_hr=True, hr_scale=hr_scale, hr_upscaler=hr_upscaler,
+                hr_second_pass_steps=hr_second_pass_steps, strength=denoising_strength,
+                hr_resize_x=hr_resize_x, hr_resize_y=hr_resize_y, hr_sampler_name=hr_sampler_name,
+                hr_scheduler=hr_scheduler, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative_prompt,
+            )  # fmt: skip
         return self.run(params, None, num_images, eta, callback)
 
     def img2img(
