@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -108,6 +109,11 @@ def resolve_params(args: argparse.Namespace):
         strength = args.strength if args.strength is not None else (base.strength or 0.8)
     elif args.strength is not None:
         raise ValueError("--strength needs --init-image")
+    hires = hires_options(args, base)
+    if hires.get("enable_hr"):
+        if args.init_image:
+            raise ValueError("--hires is for txt2img; it cannot go with --init-image")
+        strength = hires.pop("strength")
     seed = args.seed if args.seed is not None else (base.seed if args.from_png else new_seed())
     variation_strength = base.subseed_strength if args.variation_strength is None else args.variation_strength
     params = replace(
@@ -132,6 +138,7 @@ def resolve_params(args: argparse.Namespace):
         ensd=pick("ensd", "ensd"),
         subseed=args.variation_seed if args.variation_seed is not None else base.subseed,
         subseed_strength=variation_strength,
+        **hires,
     )
     if params.a1111:
         # A1111's names, any case, or ours: "dpmpp_2m" -> "DPM++ 2M" (--karras: its Karras schedule)
@@ -140,8 +147,56 @@ def resolve_params(args: argparse.Namespace):
         params = replace(params, sampler=label, schedule=schedule, karras=False)
         if args.eta is not None:
             params = replace(params, eta=args.eta)
+        if params.hr_sampler_name is not None:  # as the first pass's: A1111's names, or ours
+            label, named_schedule = a1111_sampler(params.hr_sampler_name)
+            params = replace(
+                params, hr_sampler_name=label, hr_scheduler=params.hr_scheduler or named_schedule
+            )
         check_source(params.rng)
     return params
+
+
+HIRES_FLAGS = ("hires_steps", "hires_strength", "hires_upscaler", "hires_sampler", "hires_scheduler",
+               "hires_prompt", "hires_negative")  # fmt: skip
+HIRES_STRENGTH = 0.7  # A1111's UI default (its API's: 0.75, as Pipeline.txt2img)
+
+
+def hires_options(args: argparse.Namespace, base) -> dict:
+    """The GenerationParams hires fields from --hires (SCALE or WxH) and --hires-*, over a PNG's; {} when
+    the hires fix is off. ValueError (one line) for a --hires-* flag without it or a bad --hires."""
+    given = [flag for flag in HIRES_FLAGS if getattr(args, flag) is not None]
+    if args.hires is None and not (args.from_png and base.enable_hr):
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --hires SCALE or --hires WxH")
+        return {}
+    out: dict = {"enable_hr": True}
+    if args.hires is not None:
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", args.hires)
+        if match:
+            out.update(hr_resize_x=int(match.group(1)), hr_resize_y=int(match.group(2)))
+        else:
+            try:
+                out.update(hr_scale=float(args.hires), hr_resize_x=0, hr_resize_y=0)
+            except ValueError:
+                raise ValueError(
+                    f"--hires takes a scale (2, 1.5) or a size (1024x768), got {args.hires!r}"
+                ) from None
+    from_png = args.from_png and base.enable_hr
+    fields = {
+        "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
+        "hires_sampler": "hr_sampler_name", "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt",
+        "hires_negative": "hr_negative_prompt",
+    }  # fmt: skip
+    for flag, field in fields.items():
+        if getattr(args, flag) is not None:
+            out[field] = getattr(args, flag)
+    default = base.strength if from_png and base.strength is not None else HIRES_STRENGTH
+    out["strength"] = args.hires_strength if args.hires_strength is not None else default
+    if args.hires_upscaler is not None:
+        from .hires import upscaler_label
+
+        out["hr_upscaler"] = upscaler_label(args.hires_upscaler)
+    return out
 
 
 def output_paths(out: str | None, count: int, seed: int) -> list[Path]:
@@ -284,6 +339,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     check_size(params.width, params.height)
     check_settings(params.steps, params.cfg_scale, params.strength)
+    if params.enable_hr:
+        from .hires import check_hires
+
+        target = check_hires(replace(params, width=params.width or 512, height=params.height or 512))
+        if params.width and params.height:
+            try:
+                check_size(target.width, target.height)
+            except ValueError as error:
+                raise ValueError(f"hires fix to {target.width}x{target.height}: {error}") from None
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
     total = model_calls(params, SD15.schedule)  # also refuses a strength that leaves no steps
@@ -578,6 +642,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:W]",
         help="merge a LoRA / LyCORIS file at strength W (default 1), or FILE:TE:UNET for the text encoder "
         "and U-Net apart; FILE may be a name in --lora-dir; repeatable (prompt tags <lora:NAME:W> add more)",
+    )
+    hires = gen.add_argument_group("hires fix (A1111's: txt2img, upscaled, then repainted at the large size)")
+    hires.add_argument(
+        "--hires",
+        metavar="SCALE|WxH",
+        help="upscale by SCALE (2, 1.5) or to WxH (0 for one side: from the aspect)",
+    )
+    hires.add_argument(
+        "--hires-steps", type=int, metavar="N", help="second-pass steps (default 0: as --steps)"
+    )
+    hires.add_argument(
+        "--hires-strength",
+        type=float,
+        metavar="F",
+        help=f"its denoising strength, in (0, 1] (default {HIRES_STRENGTH})",
+    )
+    hires.add_argument(
+        "--hires-upscaler", metavar="NAME",
+        help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
+        "'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest, None (any case)",
+    )  # fmt: skip
+    hires.add_argument("--hires-sampler", metavar="NAME", help="second-pass sampler (default: --sampler's)")
+    hires.add_argument("--hires-scheduler", metavar="NAME", help="its schedule type (default: --scheduler's)")
+    hires.add_argument("--hires-prompt", metavar="TEXT", help="second-pass prompt (default: the prompt)")
+    hires.add_argument(
+        "--hires-negative", metavar="TEXT", help="second-pass negative prompt (default: --negative)"
     )
     gen.add_argument("--from-png", metavar="FILE", help="take the settings from a PNG made by sd (or A1111)")
     gen.add_argument("-o", "--output", metavar="OUT", help="FILE.png or folder (default ./outputs/)")

@@ -54,7 +54,7 @@ IMAGE_UPSCALERS: dict[str, Image.Resampling | None] = {
 # A1111's model upscalers: named in the error, not run here (they need their own networks)
 MODEL_UPSCALERS = ("ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "LDSR", "ScuNET", "ScuNET PSNR",
                    "SwinIR_4x", "DAT x2", "DAT x3", "DAT x4")  # fmt: skip
-LATENT_DOWNSCALE = 8  # A1111's opt_f
+LATENT_DOWNSCALE = 8  # A1111's opt_f: SD's VAE; a model of ours may have another (the pipeline passes its)
 
 
 def upscaler_label(name: str | None) -> str:
@@ -78,32 +78,39 @@ def is_latent(upscaler: str | None) -> bool:
 @dataclass(frozen=True)
 class HiresSize:
     """Where the hires pass goes: the upscale target (hr_upscale_to_x/y) and the crop, in latent pixels
-    (A1111's truncate_x/y), that takes it to the asked aspect."""
+    (A1111's truncate_x/y), that takes it to the asked aspect; `downscale`: the VAE's."""
 
     upscale_width: int
     upscale_height: int
     truncate_x: int = 0
     truncate_y: int = 0
+    downscale: int = LATENT_DOWNSCALE
+
+    @property
+    def upscaled_latent_shape(self) -> tuple[int, int]:
+        """(h, w) of the upscaled latents, before the crop: the target // 8."""
+        return self.upscale_height // self.downscale, self.upscale_width // self.downscale
 
     @property
     def latent_shape(self) -> tuple[int, int]:
         """(h, w) of the second pass's latents: the target // 8, less the crop."""
-        return (self.upscale_height // LATENT_DOWNSCALE - self.truncate_y,
-                self.upscale_width // LATENT_DOWNSCALE - self.truncate_x)  # fmt: skip
+        h, w = self.upscaled_latent_shape
+        return h - self.truncate_y, w - self.truncate_x
 
     @property
     def width(self) -> int:
         """The final image's width (a multiple of 8)."""
-        return self.latent_shape[1] * LATENT_DOWNSCALE
+        return self.latent_shape[1] * self.downscale
 
     @property
     def height(self) -> int:
-        return self.latent_shape[0] * LATENT_DOWNSCALE
+        return self.latent_shape[0] * self.downscale
 
 
 def hires_size(
-    width: int, height: int, scale: float = 2.0, resize_x: int = 0, resize_y: int = 0
-) -> HiresSize:
+    width: int, height: int, scale: float = 2.0, resize_x: int = 0, resize_y: int = 0,
+    downscale: int = LATENT_DOWNSCALE,
+) -> HiresSize:  # fmt: skip
     """A1111's calculate_target_resolution: `scale` times the first pass (int() truncates), or a target
     size; with one side 0 the other follows the first pass's aspect (floor division); with both, the image
     is upscaled to cover the target and cropped (centred) to it. ValueError for a scale below 1 or a
@@ -113,16 +120,16 @@ def hires_size(
     if resize_x == 0 and resize_y == 0:
         if not np.isfinite(scale) or scale < 1:
             raise ValueError(f"hires scale must be at least 1, got {scale}")
-        return HiresSize(int(width * scale), int(height * scale))
+        return HiresSize(int(width * scale), int(height * scale), downscale=downscale)
     if resize_y == 0:
-        return HiresSize(resize_x, resize_x * height // width)
+        return HiresSize(resize_x, resize_x * height // width, downscale=downscale)
     if resize_x == 0:
-        return HiresSize(resize_y * width // height, resize_y)
+        return HiresSize(resize_y * width // height, resize_y, downscale=downscale)
     if width / height < resize_x / resize_y:
         to_x, to_y = resize_x, resize_x * height // width
     else:
         to_x, to_y = resize_y * width // height, resize_y
-    return HiresSize(to_x, to_y, (to_x - resize_x) // LATENT_DOWNSCALE, (to_y - resize_y) // LATENT_DOWNSCALE)
+    return HiresSize(to_x, to_y, (to_x - resize_x) // downscale, (to_y - resize_y) // downscale, downscale)
 
 
 def crop(latents: torch.Tensor, size: HiresSize) -> torch.Tensor:
@@ -135,8 +142,7 @@ def crop(latents: torch.Tensor, size: HiresSize) -> torch.Tensor:
 def upscale_latents(latents: torch.Tensor, upscaler: str, size: HiresSize) -> torch.Tensor:
     """A "Latent" mode: F.interpolate to the target // 8 (align_corners at its default), uncropped."""
     mode, antialias = LATENT_UPSCALE_MODES[upscaler_label(upscaler)]
-    shape = (size.upscale_height // LATENT_DOWNSCALE, size.upscale_width // LATENT_DOWNSCALE)
-    return F.interpolate(latents, size=shape, mode=mode, antialias=antialias)
+    return F.interpolate(latents, size=size.upscaled_latent_shape, mode=mode, antialias=antialias)
 
 
 def upscale_image(image: Image.Image, upscaler: str, width: int, height: int) -> Image.Image:
@@ -200,9 +206,9 @@ def second_pass_start(sampler, requested: int) -> int:
     return sampler.steps - t_enc - 1
 
 
-def check_hires(params: GenerationParams) -> HiresSize:
-    """The hires target of `params`, after the checks that need no model: upscaler, scale, sizes,
-    steps, strength, sampler (ValueError, one line)."""
+def check_hires(params: GenerationParams, downscale: int = LATENT_DOWNSCALE) -> HiresSize:
+    """The hires target of `params` (for a VAE of `downscale`), after the checks that need no model:
+    upscaler, scale, sizes, steps, strength, sampler (ValueError, one line)."""
     upscaler_label(params.hr_upscaler)
     if params.hr_second_pass_steps < 0:
         steps = params.hr_second_pass_steps
@@ -213,7 +219,8 @@ def check_hires(params: GenerationParams) -> HiresSize:
         sampler_label(params.hr_sampler_name)
     if params.a1111 and params.hr_scheduler is not None and params.hr_scheduler.lower() != "automatic":
         schedule_type(params.hr_scheduler)
-    return hires_size(params.width, params.height, params.hr_scale, params.hr_resize_x, params.hr_resize_y)
+    return hires_size(params.width, params.height, params.hr_scale, params.hr_resize_x, params.hr_resize_y,
+                      downscale)  # fmt: skip
 
 
 def run_second_pass(
@@ -225,7 +232,7 @@ def run_second_pass(
 ) -> tuple[torch.Tensor, dict]:
     """Upscale the first pass's `latents` and repaint them: (final latents, what the second pass resolved
     for the infotext: hires sampler and schedule labels)."""
-    size = check_hires(params)
+    size = check_hires(params, pipe.config.vae.downscale)
     upscaler = upscaler_label(params.hr_upscaler)
     generator = None if params.a1111 else torch.Generator("cpu").manual_seed(params.seed)
     if upscaler in LATENT_UPSCALE_MODES:

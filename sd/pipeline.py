@@ -386,7 +386,7 @@ class Pipeline:
         if params.enable_hr:
             if image is not None:
                 raise ValueError("the hires fix is for txt2img; an init image makes this img2img")
-            size = check_hires(params)
+            size = check_hires(params, self.config.vae.downscale)
             try:
                 check_size(size.width, size.height, self.config.vae.downscale)
             except ValueError as error:
