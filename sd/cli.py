@@ -338,7 +338,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             height=params.height or image.height - image.height % 8,
         )
     check_size(params.width, params.height)
-    check_settings(params.steps, params.cfg_scale, params.strength)
     if params.enable_hr:
         from .hires import check_hires
 
@@ -348,6 +347,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 check_size(target.width, target.height)
             except ValueError as error:
                 raise ValueError(f"hires fix to {target.width}x{target.height}: {error}") from None
+    check_settings(params.steps, params.cfg_scale, params.strength)
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
     total = model_calls(params, SD15.schedule)  # also refuses a strength that leaves no steps
