@@ -33,8 +33,9 @@ tiny = pytest.mark.parametrize("world", ["tiny"], indirect=True)
 # --- sizes -------------------------------------------------------------------------------------------------
 
 # (first pass W, H, hr_scale, hr_resize_x, hr_resize_y) -> (hr_upscale_to_x, _y, truncate_x, _y, final W, H),
-# worked by hand from calculate_target_resolution: int() of W * scale; one side 0: the other from the aspect
-# with //; both: cover the target, then crop (W - target) // 8 latent pixels; the image is (target // 8 - crop) * 8.
+# worked by hand from calculate_target_resolution: int() of W * scale; one side 0: the other from the
+# aspect with //; both: cover the target, then crop (W - target) // 8 latent pixels; the image is
+# (target // 8 - crop) * 8.
 SIZES = [
     ((512, 512, 2.0, 0, 0), (1024, 1024, 0, 0, 1024, 1024)),
     ((512, 512, 1.3, 0, 0), (665, 665, 0, 0, 664, 664)),  # 665.6 -> 665 -> 83 latents -> 664
@@ -169,9 +170,18 @@ class Reference:
         return self.denoiser.get_sigmas(steps)
 
     @torch.no_grad()
-    def run(self, label: str, steps: int, seeds: list[int], cfg: float, shape, clean=None, hires_steps=0,
-            strength=1.0):  # fmt: skip
-        """txt2img (clean None), or the hires pass from `clean`: A1111's sample_img2img with explicit steps."""
+    def run(
+        self,
+        label: str,
+        steps: int,
+        seeds: list[int],
+        cfg: float,
+        shape,
+        clean=None,
+        hires_steps=0,
+        strength=1.0,
+    ):
+        """txt2img (clean None), or the hires pass from `clean`: sample_img2img with explicit steps."""
         name, _, brownian, kwargs = SAMPLERS[label]
         batch = len(seeds)
 
@@ -215,8 +225,18 @@ class Reference:
             return self.world.vae.encode(x).latent_dist.mean * self.world.vae.config.scaling_factor
 
 
-def reference_hires(ref: Reference, label: str, upscaler: str, steps: int, hires_steps: int, strength: float,
-                    seeds: list[int], cfg: float, target: tuple[int, int], truncate=(0, 0)):  # fmt: skip
+def reference_hires(
+    ref: Reference,
+    label: str,
+    upscaler: str,
+    steps: int,
+    hires_steps: int,
+    strength: float,
+    seeds: list[int],
+    cfg: float,
+    target: tuple[int, int],
+    truncate=(0, 0),
+):
     """A1111's whole hires txt2img: first pass, upscale (latent or image), crop, second pass, decode."""
     latents, _ = ref.run(label, steps, seeds, cfg, (4, SIZE // 8, SIZE // 8))
     tw, th = target
@@ -236,11 +256,34 @@ def reference_hires(ref: Reference, label: str, upscaler: str, steps: int, hires
     return final, ref.decode(final), ran
 
 
-def run_ours(world: World, label: str, upscaler: str, steps: int, hires_steps: int, strength: float, seed: int,
-             batch: int, cfg: float, **hires):  # fmt: skip
-    params = GenerationParams(PROMPT, NEGATIVE, steps=steps, sampler=label, cfg_scale=cfg, seed=seed, width=SIZE,
-                              height=SIZE, a1111=True, strength=strength, enable_hr=True, hr_upscaler=upscaler,
-                              hr_second_pass_steps=hires_steps, **hires)  # fmt: skip
+def run_ours(
+    world: World,
+    label: str,
+    upscaler: str,
+    steps: int,
+    hires_steps: int,
+    strength: float,
+    seed: int,
+    batch: int,
+    cfg: float,
+    **hires,
+):
+    params = GenerationParams(
+        PROMPT,
+        NEGATIVE,
+        steps=steps,
+        sampler=label,
+        cfg_scale=cfg,
+        seed=seed,
+        width=SIZE,
+        height=SIZE,
+        a1111=True,
+        strength=strength,
+        enable_hr=True,
+        hr_upscaler=upscaler,
+        hr_second_pass_steps=hires_steps,
+        **hires,
+    )
     seen = []
     images = Pipeline(world.ours).run(params, num_images=batch, callback=seen.append)
     return seen[-1].latents, np.stack([np.asarray(i) for i in images]), images, len(seen)
@@ -250,7 +293,8 @@ def assert_same(latents, pixels, ref_latents, ref_pixels, what: str, tolerance: 
     scale, difference = ref_latents.abs().max(), (latents - ref_latents).abs().max()
     levels = np.abs(pixels.astype(int) - ref_pixels.astype(int)).max()
     print(
-        f"{what}: max |latents - reference| {float(difference):.3g} (scale {float(scale):.3g}), {levels} levels"
+        f"{what}: max |latents - reference| {float(difference):.3g} (scale {float(scale):.3g}), "
+        f"pixels {levels} levels"
     )
     assert latents.shape == ref_latents.shape and pixels.shape == ref_pixels.shape, what
     assert difference <= tolerance * scale, what
@@ -281,14 +325,16 @@ CASES = [
 def test_a1111_hires_equals_the_reference_composition(world: World, case, monkeypatch) -> None:
     label, upscaler, steps, hires_steps, strength, hires, target, truncate = case
     seed, cfg = 1234, 7.0
-    latents, pixels, images, calls = run_ours(world, label, upscaler, steps, hires_steps, strength, seed, 2, cfg,
-                                              **hires)  # fmt: skip
+    latents, pixels, images, calls = run_ours(
+        world, label, upscaler, steps, hires_steps, strength, seed, 2, cfg, **hires
+    )
     ref = Reference(world, monkeypatch)
-    ref_latents, ref_pixels, ran = reference_hires(ref, label, upscaler, steps, hires_steps, strength,
-                                                   [seed, seed + 1], cfg, target, truncate)  # fmt: skip
-    # Image upscalers go through the first pass's uint8 pixels: where the two first passes (1e-6 apart) land on
-    # either side of an integer, a pixel is a level off, and the encoder carries that level into the second
-    # pass's latents (measured: 1.7e-4 of their scale, and the final pixels within a level).
+    ref_latents, ref_pixels, ran = reference_hires(
+        ref, label, upscaler, steps, hires_steps, strength, [seed, seed + 1], cfg, target, truncate
+    )
+    # Image upscalers go through the first pass's uint8 pixels: where the two first passes (1e-6 apart)
+    # land on either side of an integer, a pixel is a level off, and the encoder carries that level into
+    # the second pass's latents (measured: 1.7e-4 of their scale, and the final pixels within a level).
     tolerance = 1e-4 if upscaler.startswith("Latent") else 1e-3
     assert_same(latents, pixels, ref_latents, ref_pixels, f"{label} {upscaler}", tolerance)
     assert ran == hires_steps  # A1111: exactly the hires steps, whatever the strength
@@ -302,8 +348,17 @@ def test_hires_prompt_editing_counts_on_from_the_first_pass(world: World) -> Non
     """[cat:dog:1.5] switches halfway through the hires pass (A1111's hires schedule), and an integer
     switch inside the first pass's steps means the second text all through the hires pass."""
     pipe = Pipeline(world.ours)
-    base = dict(steps=4, sampler="Euler", seed=3, width=SIZE, height=SIZE, a1111=True, strength=0.5,
-                enable_hr=True, hr_second_pass_steps=4)  # fmt: skip
+    base = dict(
+        steps=4,
+        sampler="Euler",
+        seed=3,
+        width=SIZE,
+        height=SIZE,
+        a1111=True,
+        strength=0.5,
+        enable_hr=True,
+        hr_second_pass_steps=4,
+    )
     half = pipe.run(GenerationParams("a [cat:dog:1.5]", **base))[0]
     # in the hires pass an integer counts on from the first pass's 4 steps: 6 is its step 2
     manual = pipe.run(GenerationParams("a cat", **base, hr_prompt="a [cat:dog:6]"))[0]
@@ -321,14 +376,30 @@ def test_diffusers_way_is_diffusers_txt2img_then_img2img(world: World) -> None:
     from test_pipeline import diffusers_pipeline
 
     seed, steps, hires_steps, strength = 11, 4, 5, 0.6
-    params = GenerationParams(PROMPT, NEGATIVE, steps=steps, sampler="euler_a", seed=seed, width=SIZE, height=SIZE,
-                              strength=strength, enable_hr=True, hr_second_pass_steps=hires_steps)  # fmt: skip
+    params = GenerationParams(
+        PROMPT,
+        NEGATIVE,
+        steps=steps,
+        sampler="euler_a",
+        seed=seed,
+        width=SIZE,
+        height=SIZE,
+        strength=strength,
+        enable_hr=True,
+        hr_second_pass_steps=hires_steps,
+    )
     seen = []
     image = Pipeline(world.ours).run(params, callback=seen.append)[0]
     first = diffusers_pipeline(world, "euler_a")(
-        prompt=PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=7.5,
-        generator=torch.Generator().manual_seed(seed), output_type="latent", height=SIZE, width=SIZE,
-    ).images  # fmt: skip
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+        height=SIZE,
+        width=SIZE,
+    ).images
     upscaled = F.interpolate(first, size=(16, 16), mode="bilinear")
     kept = {}
 
@@ -337,10 +408,16 @@ def test_diffusers_way_is_diffusers_txt2img_then_img2img(world: World) -> None:
         return callback_kwargs
 
     out = diffusers_pipeline(world, "euler_a", img2img=True)(
-        prompt=PROMPT, negative_prompt=NEGATIVE, image=upscaled, strength=strength,
-        num_inference_steps=hires_steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(seed),
-        output_type="np", callback_on_step_end=keep,
-    ).images  # fmt: skip
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=upscaled,
+        strength=strength,
+        num_inference_steps=hires_steps,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        callback_on_step_end=keep,
+    ).images
     ref_pixels = (out * 255).round().astype(np.uint8)
     assert image.size == (128, 128)
     scale = max(1.0, kept["latents"].abs().max().item())
@@ -349,7 +426,7 @@ def test_diffusers_way_is_diffusers_txt2img_then_img2img(world: World) -> None:
     assert len(seen) == steps + int(hires_steps * strength)  # diffusers' img2img: int(steps x strength)
 
 
-# --- infotext ------------------------------------------------------------------------------------------------
+# --- infotext --------------------------------------------------------------------------------
 
 A1111_TEXTS = [
     # (what A1111 v1.10.1 writes, the hires fields it means)
@@ -357,7 +434,8 @@ A1111_TEXTS = [
      "Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Latent, Version: v1.10.1",
      dict(hr_scale=2.0, hr_upscaler="Latent", strength=0.7)),
     ("Steps: 20, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 512x768, "
-     "Denoising strength: 0.55, Hires resize: 1024x0, Hires steps: 10, Hires upscaler: Lanczos, Version: v1.10.1",
+     "Denoising strength: 0.55, Hires resize: 1024x0, Hires steps: 10, Hires upscaler: Lanczos, "
+     "Version: v1.10.1",
      dict(hr_resize_x=1024, hr_resize_y=0, hr_second_pass_steps=10, hr_upscaler="Lanczos", strength=0.55)),
     # another hires sampler, no hires schedule: A1111 replays it on that sampler's own (Automatic) schedule
     ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, "
@@ -408,13 +486,31 @@ def test_infotext_round_trip(hires: dict, schedule: str) -> None:
     and read back to the same settings: the second pass runs the same sampler on the same schedule."""
     from sd.hires import schedule_key
 
-    params = GenerationParams("a lighthouse", "fog", steps=20, sampler="DPM++ 2M", seed=9, a1111=True,
-                              schedule=schedule, strength=0.6, enable_hr=True, **hires)  # fmt: skip
+    params = GenerationParams(
+        "a lighthouse",
+        "fog",
+        steps=20,
+        sampler="DPM++ 2M",
+        seed=9,
+        a1111=True,
+        schedule=schedule,
+        strength=0.6,
+        enable_hr=True,
+        **hires,
+    )
     text = params.to_text()
     back = GenerationParams.from_text(text)
     assert back.to_text() == text
-    for field in ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps", "strength",
-                  "hr_prompt", "hr_negative_prompt"):  # fmt: skip
+    for field in (
+        "hr_scale",
+        "hr_resize_x",
+        "hr_resize_y",
+        "hr_upscaler",
+        "hr_second_pass_steps",
+        "strength",
+        "hr_prompt",
+        "hr_negative_prompt",
+    ):
         assert getattr(back, field) == getattr(params, field), field
     sampler = params.hr_sampler_name or params.sampler
     assert (back.hr_sampler_name or back.sampler) == sampler
@@ -425,29 +521,64 @@ def test_infotext_round_trip(hires: dict, schedule: str) -> None:
 
 
 def test_the_keys_are_in_a1111s_order() -> None:
-    params = GenerationParams("p", steps=20, sampler="DPM++ 2M", a1111=True, schedule="Karras", strength=0.5,
-                              enable_hr=True, hr_sampler_name="Euler", hr_scheduler="Exponential",
-                              hr_prompt="q", hr_second_pass_steps=5, hr_upscaler="Latent")  # fmt: skip
+    params = GenerationParams(
+        "p",
+        steps=20,
+        sampler="DPM++ 2M",
+        a1111=True,
+        schedule="Karras",
+        strength=0.5,
+        enable_hr=True,
+        hr_sampler_name="Euler",
+        hr_scheduler="Exponential",
+        hr_prompt="q",
+        hr_second_pass_steps=5,
+        hr_upscaler="Latent",
+    )
     line = params.to_text().splitlines()[-1]
     keys = [part.split(":")[0].strip() for part in line.split(", ")]
-    assert keys == ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength",
-                    "Hires sampler", "Hires prompt", "Hires schedule type", "Hires upscale", "Hires steps",
-                    "Hires upscaler"]  # fmt: skip
+    assert keys == [
+        "Steps",
+        "Sampler",
+        "Schedule type",
+        "CFG scale",
+        "Seed",
+        "Size",
+        "Denoising strength",
+        "Hires sampler",
+        "Hires prompt",
+        "Hires schedule type",
+        "Hires upscale",
+        "Hires steps",
+        "Hires upscaler",
+    ]
 
 
 @tiny
 def test_an_image_replays_from_its_parameters(world: World) -> None:
     pipe = Pipeline(world.ours)
-    params = GenerationParams(PROMPT, steps=3, sampler="DPM++ 2M", seed=4, width=SIZE, height=SIZE, a1111=True,
-                              strength=0.6, enable_hr=True, hr_upscaler="Nearest", hr_resize_x=96,
-                              hr_sampler_name="Euler a", hr_second_pass_steps=2)  # fmt: skip
+    params = GenerationParams(
+        PROMPT,
+        steps=3,
+        sampler="DPM++ 2M",
+        seed=4,
+        width=SIZE,
+        height=SIZE,
+        a1111=True,
+        strength=0.6,
+        enable_hr=True,
+        hr_upscaler="Nearest",
+        hr_resize_x=96,
+        hr_sampler_name="Euler a",
+        hr_second_pass_steps=2,
+    )
     image = pipe.run(params)[0]
     again = pipe.run(GenerationParams.from_text(image.info["parameters"]))[0]
     assert image.size == (96, 96)
     assert np.array_equal(np.asarray(image), np.asarray(again))
 
 
-# --- the command line ------------------------------------------------------------------------------------------
+# --- the command line --------------------------------------------------------------------------------
 
 
 def test_cli_hires_with_the_builtin_model_makes_twice_the_size_and_replays(
@@ -462,8 +593,22 @@ def test_cli_hires_with_the_builtin_model_makes_twice_the_size_and_replays(
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SD_CHECKPOINT", raising=False)
     monkeypatch.setenv("SD_HOME", str(tmp_path / "home"))
-    first = ["generate", "a red circle", "--seed", "3", "--steps", "2", "--hires", "2", "--hires-steps", "2",
-             "--hires-upscaler", "Latent (bicubic)", "-o", "a.png"]  # fmt: skip
+    first = [
+        "generate",
+        "a red circle",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--hires",
+        "2",
+        "--hires-steps",
+        "2",
+        "--hires-upscaler",
+        "Latent (bicubic)",
+        "-o",
+        "a.png",
+    ]
     assert main(first) == 0
     assert main(["generate", "--from-png", "a.png", "-o", "b.png"]) == 0
     capsys.readouterr()
