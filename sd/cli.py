@@ -325,7 +325,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .config import SD15
     from .images import load_image, save_png
-    from .pipeline import check_settings, check_size, model_calls
+    from .pipeline import check_hires_settings, check_settings, check_size, model_calls
     from .prompts import check_prompt
 
     params = resolve_params(args)
@@ -339,14 +339,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     check_size(params.width, params.height)
     if params.enable_hr:
-        from .hires import check_hires
-
-        target = check_hires(replace(params, width=params.width or 512, height=params.height or 512))
-        if params.width and params.height:
-            try:
-                check_size(target.width, target.height)
-            except ValueError as error:
-                raise ValueError(f"hires fix to {target.width}x{target.height}: {error}") from None
+        check_hires_settings(params)
     check_settings(params.steps, params.cfg_scale, params.strength)
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)

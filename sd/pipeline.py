@@ -95,6 +95,17 @@ def check_size(width: int | None, height: int | None, multiple: int = 8) -> None
             )
 
 
+def check_hires_settings(params: GenerationParams, downscale: int = 8) -> None:
+    """A clear error for hires settings that cannot run (sd.hires.check_hires) or a final size out of range;
+    unset sizes (None) stand for 512 in the first checks and skip the size one."""
+    size = check_hires(replace(params, width=params.width or 512, height=params.height or 512), downscale)
+    if params.width and params.height:
+        try:
+            check_size(size.width, size.height, downscale)
+        except ValueError as error:
+            raise ValueError(f"hires fix to {size.width}x{size.height}: {error}") from None
+
+
 def check_settings(steps: int, cfg_scale: float, strength: float | None = None) -> None:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -386,11 +397,7 @@ class Pipeline:
         if params.enable_hr:
             if image is not None:
                 raise ValueError("the hires fix is for txt2img; an init image makes this img2img")
-            size = check_hires(params, self.config.vae.downscale)
-            try:
-                check_size(size.width, size.height, self.config.vae.downscale)
-            except ValueError as error:
-                raise ValueError(f"hires fix to {size.width}x{size.height}: {error}") from None
+            check_hires_settings(params, self.config.vae.downscale)
         if image is not None and image.size != (params.width, params.height):
             image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
         down = self.config.vae.downscale

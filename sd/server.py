@@ -35,11 +35,12 @@ from typing import Any
 
 from .conditioning import check_emphasis
 from .config import SD15
+from .hires import upscaler_label
 from .images import image_from_bytes, read_png_parameters, save_png
 from .infotext import parse_infotext
 from .noise import check_source
 from .params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
-from .pipeline import Pipeline, check_settings, check_size, model_calls, new_seed
+from .pipeline import Pipeline, check_hires_settings, check_settings, check_size, model_calls, new_seed
 from .prompts import check_prompt
 from .samplers import ALIASES, SAMPLERS
 from .samplers.a1111 import catalogue
@@ -83,6 +84,22 @@ IMG2IMG_DEFAULTS: dict[str, Any] = {
     "init_images": None,
     "denoising_strength": 0.75,
 }
+# txt2img's hires fix (sd.hires), A1111's fields and defaults ("Use same ...": None)
+HIRES_DEFAULTS: dict[str, Any] = {
+    "enable_hr": False,
+    "denoising_strength": 0.75,
+    "hr_scale": 2.0,
+    "hr_upscaler": None,
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_sampler_name": None,
+    "hr_scheduler": None,
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+    "firstphase_width": 0,  # A1111's pre-1.0 hires fix: refused when set
+    "firstphase_height": 0,
+}
 SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # diffusers' way: A1111 name -> karras
 CLIP_SKIP_OPTION = "CLIP_stop_at_last_layers"  # A1111's name for clip skip
 # override_settings we honour (A1111's option names), beyond clip skip: -> (type, GenerationParams field)
@@ -111,7 +128,6 @@ HARMLESS_OPTIONS = frozenset({"sd_model_checkpoint", "sd_vae", "samples_format",
 WAYS = ("a1111", "diffusers")
 # Request fields that would change the image in a way we cannot make yet: refused when set.
 UNSUPPORTED_YET = {
-    "enable_hr": "hires fix",
     "mask": "inpainting",
     "restore_faces": "face restoration",
     "tiling": "tiling",
@@ -262,12 +278,48 @@ def _a1111_fields(body: dict[str, Any], get, overrides: dict[str, Any]) -> dict[
     return fields
 
 
+def _hires_fields(get, a1111: bool) -> dict[str, Any]:
+    """GenerationParams fields of txt2img's hires fix, one to one from A1111's request fields."""
+    for name in ("firstphase_width", "firstphase_height"):
+        if get(name, int):
+            raise BadRequestError(
+                f"{name}: A1111's old hires fix is not supported; use hr_scale or hr_resize_x/y"
+            )
+    same = {"use same sampler", "use same scheduler"}
+    hr_sampler = get("hr_sampler_name", str)
+    hr_sampler = None if not hr_sampler or hr_sampler.lower() in same else hr_sampler
+    hr_scheduler = get("hr_scheduler", str)
+    hr_scheduler = None if not hr_scheduler or hr_scheduler.lower() in same else hr_scheduler
+    fields: dict[str, Any] = dict(
+        enable_hr=True,
+        strength=float(get("denoising_strength", (int, float))),
+        hr_scale=float(get("hr_scale", (int, float))),
+        hr_upscaler=get("hr_upscaler", str),
+        hr_second_pass_steps=get("hr_second_pass_steps", int),
+        hr_resize_x=get("hr_resize_x", int),
+        hr_resize_y=get("hr_resize_y", int),
+        hr_prompt=get("hr_prompt", str),
+        hr_negative_prompt=get("hr_negative_prompt", str),
+    )
+    try:
+        if a1111 and hr_sampler is not None:
+            hr_sampler, named_schedule = a1111_sampler(hr_sampler)
+            hr_scheduler = hr_scheduler or named_schedule
+        if a1111 and hr_scheduler is not None and hr_scheduler.lower() != "automatic":
+            hr_scheduler = SCHEDULE_TYPES[schedule_type(hr_scheduler)].label
+        if fields["hr_upscaler"] is not None:
+            fields["hr_upscaler"] = upscaler_label(fields["hr_upscaler"])
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
+    return fields | {"hr_sampler_name": hr_sampler, "hr_scheduler": hr_scheduler}
+
+
 def parse_request(body: dict[str, Any], img2img: bool, way: str = "a1111") -> Request:
     """Check every field before any work: a BadRequestError names the first problem. `way`: the server's
     default, which a request's own "way" overrides."""
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object")
-    defaults = IMG2IMG_DEFAULTS if img2img else TXT2IMG_DEFAULTS
+    defaults = IMG2IMG_DEFAULTS if img2img else {**TXT2IMG_DEFAULTS, **HIRES_DEFAULTS}
     get = lambda name, kind: _typed(body, name, kind, defaults[name])  # noqa: E731
     way = get("way", str) or way
     if way not in WAYS:
@@ -297,6 +349,8 @@ def parse_request(body: dict[str, Any], img2img: bool, way: str = "a1111") -> Re
         sampler, karras = sampler_of(sampler_name, get("scheduler", str) or "automatic")
         params = replace(params, sampler=sampler, karras=karras)
         eta = float(get("eta", (int, float)) or 0.0)
+    if not img2img and get("enable_hr", bool):
+        params = replace(params, **_hires_fields(get, params.a1111))
     for name, feature in UNSUPPORTED_YET.items():  # a wrong image that looks like success is worse
         if body.get(name):
             raise BadRequestError(f"{name}: {feature} is not supported yet; leave it out (or false)")
@@ -324,6 +378,8 @@ def parse_request(body: dict[str, Any], img2img: bool, way: str = "a1111") -> Re
         raise BadRequestError("img2img needs init_images: a list of one base64-encoded image")
     try:
         check_size(params.width, params.height)
+        if params.enable_hr:
+            check_hires_settings(params)
         check_settings(params.steps, params.cfg_scale, params.strength)
         check_emphasis(params.emphasis)
         check_prompt(params.prompt, params.steps)

@@ -658,3 +658,17 @@ def test_bad_hires_input_in_python() -> None:
         check_hires(GenerationParams(**good, hr_resize_x=-8))
     with pytest.raises(ValueError, match="hires scale must be at least 1"):
         check_hires(GenerationParams(**good, hr_scale=0.9))
+
+
+def test_the_server_maps_a1111s_hires_fields_one_to_one() -> None:
+    from sd.server import parse_request
+
+    body = {"prompt": "a", "enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "latent (bicubic)",
+            "denoising_strength": 0.45, "hr_second_pass_steps": 6, "hr_sampler_name": "Euler a",
+            "hr_scheduler": "Use same scheduler", "hr_prompt": "b", "hr_resize_x": 0}  # fmt: skip
+    params = parse_request(body, img2img=False).params
+    assert (params.enable_hr, params.hr_scale, params.hr_upscaler, params.strength) == (
+        True, 1.5, "Latent (bicubic)", 0.45)  # fmt: skip
+    assert (params.hr_second_pass_steps, params.hr_sampler_name, params.hr_scheduler, params.hr_prompt) == (
+        6, "Euler a", None, "b")  # fmt: skip
+    assert not parse_request({"prompt": "a", "hr_scale": 3}, img2img=False).params.enable_hr
