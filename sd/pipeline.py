@@ -50,6 +50,7 @@ from .samplers.schedule import alphas_cumprod
 from .samplers.sigmas import ldm_alphas_cumprod
 from .samplers.timesteps import CFGPP_SCALE, TimestepsSampler
 from .tokenizer import CLIPTokenizer
+from .vae_swap import VAE_AUTOMATIC, VAE_NONE, VAEFileError, VAESwap, find_vae, read_vae, vae_hash, vae_name
 
 log = logging.getLogger("sd")
 
@@ -149,6 +150,10 @@ class Pipeline:
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
         self.lora_dir: Path | None = None  # where <lora:name:w> tags are looked up
+        self.vae_dir: Path | None = None  # where set_vae looks names up (A1111's models/VAE)
+        self.vae_file: Path | None = None  # the swapped-in VAE; None: the checkpoint's own
+        self.vae_hash: str | None = None  # A1111's VAE hash of vae_file
+        self._vae_swap = VAESwap(models)
         self._lora_files = LoraCache()
         self._lora_merger = WeightMerger(models)
         self._loras: list[ActiveLora] = []  # set_loras' set; prompt tags add theirs per run
@@ -265,6 +270,26 @@ class Pipeline:
                 continue
             found.append(ActiveLora(tag.name, self._lora_files.load(path, self.config), te, unet))
         return found
+
+    # --- VAE swap ---------------------------------------------------------------------------------
+
+    def set_vae(self, vae: str | Path | None) -> None:
+        """Encode and decode with this VAE file (original or diffusers layout; a bare name is looked up in
+        `vae_dir`); None, "None" or "Automatic" give the checkpoint's own back, bit for bit. VAEFileError
+        (one line) for a file that is no SD1.x VAE."""
+        path = None
+        if vae is not None and str(vae) not in (VAE_AUTOMATIC, VAE_NONE):
+            path = find_vae(self.vae_dir, str(vae))
+            if path is None:
+                where = f" in {self.vae_dir}" if self.vae_dir is not None else ""
+                raise VAEFileError(f"{vae}: no such VAE file{where}")
+            path = path.resolve()
+        if path == self.vae_file:
+            return
+        states = read_vae(path, self.config) if path is not None else None
+        digest = vae_hash(path) if path is not None else None
+        self._vae_swap.apply(states, digest)
+        self.vae_file, self.vae_hash = path, digest
 
     def condition(self, params: GenerationParams, total_steps: int) -> Conditioning:
         """The run's conditioning over `total_steps` prompt-editing steps: A1111 prompt syntax, any length,
@@ -502,7 +527,9 @@ class Pipeline:
 
     def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
         # The text travels in image.info["parameters"]; save_png writes it into the PNG.
-        params = replace(params, model=self.model_name, model_hash=self.model_hash)
+        vae = vae_name(self.vae_file) if self.vae_file is not None else None
+        params = replace(params, model=self.model_name, model_hash=self.model_hash, vae=vae,
+                         vae_hash=self.vae_hash)  # fmt: skip
         image.info["parameters"] = params.to_text()
         return image
 
