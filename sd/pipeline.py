@@ -39,7 +39,7 @@ from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
-from .networks import ActiveLora, LoraCache, WeightMerger, find_lora, lora_hashes
+from .networks import ActiveLora, LoraCache, RebindingMerger, WeightMerger, find_lora, lora_hashes
 from .noise import ImageNoise
 from .params import GenerationParams
 from .prompts import NetworkTag, extract_networks, lora_multipliers
@@ -155,7 +155,9 @@ class Pipeline:
         self.vae_hash: str | None = None  # A1111's VAE hash of vae_file
         self._vae_swap = VAESwap(models)
         self._lora_files = LoraCache()
-        self._lora_merger = WeightMerger(models)
+        # Converted modules (OpenVINO) take their weights through rebind(); torch modules are merged into.
+        converted = hasattr(models["diffusion"], "rebind")
+        self._lora_merger = RebindingMerger(models) if converted else WeightMerger(models)
         self._loras: list[ActiveLora] = []  # set_loras' set; prompt tags add theirs per run
         self.active_loras: list[ActiveLora] = []  # merged into the weights now
         self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
@@ -437,7 +439,8 @@ class Pipeline:
         cfg_scale = params.cfg_scale
         if isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp:
             cfg_scale *= CFGPP_SCALE  # DDIM CFG++ guides at a fraction of the scale (the PNG keeps the scale)
-        guidance = Guidance(conditioning, cfg_scale, a1111=True)
+        cfgpp = isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp
+        guidance = Guidance(conditioning, cfg_scale, a1111=True, needs_uncond=cfgpp)
         images = [params.a1111_image(i) for i in range(shape[0])]
         seeds, subseeds = [p.seed for p in images], [p.subseed or 0 for p in images]
         noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .deltas import delta_weight, dora
 from .library import LoraCache, addnet_hash, find_lora, lora_files, lora_hashes, lora_shorthash
 from .lora import LORA_SUFFIXES, LoraFile, ModuleNetwork, load_lora, map_tensors, read_tensors
-from .merge import ActiveLora, WeightMerger
+from .merge import ActiveLora, RebindingMerger, WeightMerger
 
 __all__ = [
     "LORA_SUFFIXES",
@@ -20,6 +20,7 @@ __all__ = [
     "LoraCache",
     "LoraFile",
     "ModuleNetwork",
+    "RebindingMerger",
     "WeightMerger",
     "addnet_hash",
     "delta_weight",
