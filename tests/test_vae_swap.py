@@ -238,3 +238,26 @@ def test_cli_vae_option_and_png_replay(tmp_path, capsys, monkeypatch) -> None:
     code, _, err = generate("a cat", "--vae", "nowhere.safetensors")
     assert code != 0 and "VAE file not found: nowhere.safetensors" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_openvino_decodes_with_the_swapped_vae(tmp_path) -> None:
+    pytest.importorskip("openvino")
+    from sd.backends.openvino import compile_checkpoint
+    from sd.weights import save_checkpoint
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(random_models(TINY, seed=1), ckpt, config=TINY)
+    path = tmp_path / "mse.safetensors"
+    save_file(_vae_state(seed=7), str(path))
+    eager = Pipeline.from_checkpoint(ckpt)
+    converted = Pipeline(compile_checkpoint(ckpt, "f32", tmp_path / "ov"))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = converted.models["decoder"](latents)
+        for pipe in (eager, converted):
+            pipe.set_vae(path)
+        want, got = eager.models["decoder"](latents), converted.models["decoder"](latents)
+        converted.set_vae(None)
+        back = converted.models["decoder"](latents)
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+    assert not torch.allclose(got, own) and torch.equal(back, own)
