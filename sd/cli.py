@@ -293,6 +293,8 @@ def load_pipeline(args: argparse.Namespace):
         print(f"embeddings: {', '.join(pipe.embeddings.by_name)}", file=sys.stderr)
     pipe.lora_dir = loras
     pipe.vae_dir = vae_dir(args)
+    if getattr(args, "lora_mode", "merged") == "unmerged":
+        pipe.set_loras([], merge=False)  # prompt tags too are kept out of the weights from now on
     vae = vae_option(args)
     if vae is not None:
         pipe.set_vae(vae)
@@ -338,7 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if vae is not None:
         pipe.set_vae(vae)
     if loras:
-        pipe.set_loras(loras)
+        pipe.set_loras(loras, merge=args.lora_mode == "merged")
     if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
         print(f"warning: the PNG was made with model hash {params.model_hash}; this checkpoint's is "
               f"{pipe.model_hash}, so the image will differ", file=sys.stderr)  # fmt: skip
@@ -509,6 +511,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="LoRA files, named by <lora:NAME:WEIGHT> tags in prompts (default: the 'Lora' folder of the "
         "model folder, when it exists)",
+    )
+    group.add_argument(
+        "--lora-mode",
+        choices=("merged", "unmerged"),
+        default="merged",
+        help="merged (default, fastest): LoRA deltas written into the weights, originals restored after; "
+        "unmerged: weights left untouched, the deltas added as the weights are read (torch backend)",
     )
     group.add_argument(
         "--vae",

@@ -39,7 +39,15 @@ from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
-from .networks import ActiveLora, LoraCache, RebindingMerger, WeightMerger, find_lora, lora_hashes
+from .networks import (
+    ActiveLora,
+    LoraCache,
+    RebindingMerger,
+    UnmergedNetworks,
+    WeightMerger,
+    find_lora,
+    lora_hashes,
+)
 from .noise import ImageNoise
 from .params import GenerationParams
 from .prompts import NetworkTag, extract_networks, lora_multipliers
@@ -234,11 +242,13 @@ class Pipeline:
 
     # --- LoRA ---------------------------------------------------------------------------------------
 
-    def set_loras(self, loras: Sequence[tuple[str | Path, LoraWeight]]) -> None:
+    def set_loras(self, loras: Sequence[tuple[str | Path, LoraWeight]], merge: bool = True) -> None:
         """Merge these LoRA / LyCORIS files into the weights, in order: each `(path, weight)`, the weight a
         float or a `(text_encoder, unet)` pair (A1111's strengths). `[]` restores the original weights bit
-        for bit. Prompt tags (`<lora:name:w>`) add their files on top for a run. ValueError (one line) for
-        a file that is no LoRA for this model."""
+        for bit. Prompt tags (`<lora:name:w>`) add their files on top for a run. `merge=False` keeps them
+        (and later tags) out of the weights: forward hooks add them to the layers' outputs instead.
+        ValueError (one line) for a file that is no LoRA for this model."""
+        self._lora_mode(merge)
         entries = []
         for path, weight in loras:
             te, unet = (weight, weight) if isinstance(weight, (int, float)) else weight
@@ -246,6 +256,15 @@ class Pipeline:
             entries.append(ActiveLora(file.name, file, float(te), float(unet)))
         self._apply_loras(entries)
         self._loras = entries
+
+    def _lora_mode(self, merge: bool) -> None:
+        if merge == (not isinstance(self._lora_merger, UnmergedNetworks)):
+            return
+        if not merge and isinstance(self._lora_merger, RebindingMerger):
+            raise ValueError("un-merged LoRA needs the torch backend's modules (OpenVINO merges them)")
+        self._lora_merger.restore()
+        self.active_loras = []
+        self._lora_merger = WeightMerger(self.models) if merge else UnmergedNetworks(self.models)
 
     def _apply_loras(self, loras: list[ActiveLora]) -> None:
         try:
