@@ -434,7 +434,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         if tag.kind == "lora":
             te, unet = lora_multipliers(tag)
             print(f"tag {tag.text}: LoRA {tag.name!r}, text encoder {te:g}, U-Net {unet:g}; taken out of the "
-                  "prompt (LoRA files are not applied yet)")  # fmt: skip
+                  "prompt, the file (from --lora-dir) merged")  # fmt: skip
         else:
             print(f"tag {tag.text}: {tag.kind} networks are not supported; taken out of the prompt, ignored")
     if folder is not None:
