@@ -47,6 +47,7 @@ from .networks import (
     WeightMerger,
     find_lora,
     lora_hashes,
+    lora_tag,
 )
 from .noise import ImageNoise
 from .params import GenerationParams
@@ -289,7 +290,12 @@ class Pipeline:
                 where = f"in {self.lora_dir}" if self.lora_dir is not None else "(no LoRA folder: --lora-dir)"
                 log.warning("%s: no LoRA named %r %s; the tag is ignored", tag.text, tag.name, where)
                 continue
-            found.append(ActiveLora(tag.name, self._lora_files.load(path, self.config), te, unet))
+            try:
+                file = self._lora_files.load(path, self.config)
+            except ValueError as error:  # A1111 logs a file it cannot use and makes the image without it
+                log.warning("%s: %s; the tag is ignored", tag.text, error)
+                continue
+            found.append(ActiveLora(tag.name, file, te, unet))
         return found
 
     # --- VAE swap ---------------------------------------------------------------------------------
@@ -416,8 +422,11 @@ class Pipeline:
         run = self._sample_a1111 if params.a1111 else self._sample_diffusers
         latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image)
         pixels = self.decode(latents, truncate=params.a1111)
-        params = replace(params, ti_hashes=ti_hashes(conditioning.embeddings), pad_conds=guidance.padded,
-                         lora_hashes=lora_hashes(self.active_loras), unhonoured=(), **resolved)  # fmt: skip
+        # set_loras' files are written as the prompt tags A1111 (and --from-png) would apply them from.
+        prompt = " ".join([params.prompt, *(lora_tag(a) for a in self._loras)])
+        params = replace(params, prompt=prompt, ti_hashes=ti_hashes(conditioning.embeddings),
+                         pad_conds=guidance.padded, lora_hashes=lora_hashes(self.active_loras), unhonoured=(),
+                         **resolved)  # fmt: skip
         return [
             self._with_params(Image.fromarray(p), self._image_params(params, i, num_images))
             for i, p in enumerate(pixels)

@@ -634,3 +634,25 @@ def test_unmerged_equals_merged_and_leaves_the_weights(tiny, ours, tmp_path) -> 
     assert_close(tiny.ours["clip"](tokens), merged_te, "un-merged text encoder")
     ours.set_loras([], merge=False)
     assert torch.equal(_unet_out(tiny, latents, context), plain), "parametrizations left behind"
+
+
+def test_set_loras_files_are_written_as_tags_and_broken_tagged_files_skipped(tmp_path, caplog) -> None:
+    """A PNG made with set_loras / --lora names the files as A1111 would: as prompt tags, so a replay (ours,
+    or A1111's with the file in its Lora folder) applies them; a tag naming a file that cannot be used is
+    logged and skipped, as A1111 does, and the image is made without it."""
+    models = random_models(TINY, seed=5)
+    pipe = Pipeline(models)
+    save_file(_tiny_kohya(models, seed=14), str(tmp_path / "ink.safetensors"))
+    pipe.set_loras([(tmp_path / "ink.safetensors", (1.0, 0.5))])
+    made = pipe.txt2img("a cat", width=64, height=64, steps=2, seed=4)[0]
+    text = made.info["parameters"]
+    assert text.splitlines()[0] == "a cat <lora:ink:1:0.5>"
+    pipe.set_loras([])
+    pipe.lora_dir = tmp_path
+    replayed = pipe.run(GenerationParams.from_text(text))[0]
+    assert np.array_equal(np.asarray(replayed), np.asarray(made))
+    save_file({"something.else": torch.zeros(2)}, str(tmp_path / "broken.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="sd"):
+        image = pipe.txt2img("a cat <lora:broken:1>", width=64, height=64, steps=2, seed=4)[0]
+    assert "<lora:broken:1>" in caplog.text and "the tag is ignored" in caplog.text
+    assert "Lora hashes" not in image.info["parameters"]

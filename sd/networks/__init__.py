@@ -13,7 +13,7 @@ from __future__ import annotations
 from .deltas import delta_weight, dora
 from .library import LoraCache, addnet_hash, find_lora, lora_files, lora_hashes, lora_shorthash
 from .lora import LORA_SUFFIXES, LoraFile, ModuleNetwork, load_lora, map_tensors, read_tensors
-from .merge import ActiveLora, RebindingMerger, WeightMerger
+from .merge import ActiveLora, RebindingMerger, WeightMerger, lora_tag
 from .unmerged import UnmergedNetworks
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "lora_files",
     "lora_hashes",
     "lora_shorthash",
+    "lora_tag",
     "map_tensors",
     "read_tensors",
 ]

@@ -31,6 +31,12 @@ class ActiveLora:
         return self.te if component == "clip" else self.unet
 
 
+def lora_tag(lora: ActiveLora) -> str:
+    """The A1111 prompt tag that applies `lora` as it is: <lora:name:w>, or <lora:name:te:unet>."""
+    strengths = f"{lora.te:g}" if lora.te == lora.unet else f"{lora.te:g}:{lora.unet:g}"
+    return f"<lora:{lora.name}:{strengths}>"
+
+
 class WeightMerger:
     """Merges LoRA sets into `models` ({"clip": ..., "diffusion": ...}, or one of them) in place."""
 
