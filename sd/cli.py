@@ -248,6 +248,37 @@ def lora_dir(args: argparse.Namespace) -> Path | None:
     return _given_folder(args.lora_dir, "--lora-dir", "LoRA", default if default.is_dir() else None)
 
 
+def vae_dir(args: argparse.Namespace) -> Path | None:
+    """--vae-dir, else <models folder>/VAE when it exists (A1111's layout)."""
+    from .checkpoints import default_model_dir
+
+    default = default_model_dir() / "VAE"
+    return _given_folder(args.vae_dir, "--vae-dir", "VAE", default if default.is_dir() else None)
+
+
+def vae_option(args: argparse.Namespace, from_png: str | None = None) -> Path | None:
+    """The VAE file --vae names (a path, or a name in the VAE folder), else the one a PNG's `VAE` names
+    when it is in the VAE folder (warned about when not); FileNotFoundError before any model is loaded."""
+    from .vae_swap import VAE_AUTOMATIC, VAE_NONE, find_vae
+
+    folder = vae_dir(args)
+    name = getattr(args, "vae", None)
+    if name is None or name in (VAE_AUTOMATIC, VAE_NONE):
+        if name is None and from_png:
+            path = find_vae(folder, from_png)
+            if path is None:
+                print(f"warning: the PNG was made with the VAE {from_png}, which is not in "
+                      f"{folder or 'the VAE folder (--vae-dir)'}; using the checkpoint's own",
+                      file=sys.stderr)  # fmt: skip
+            return path
+        return None
+    path = find_vae(folder, name)
+    if path is None:
+        where = f" or in {folder}" if folder is not None else ""
+        raise FileNotFoundError(f"VAE file not found: {name}{where} (from --vae)")
+    return path
+
+
 def _number(text: str) -> float | None:
     try:
         return float(text)
@@ -316,6 +347,12 @@ def load_pipeline(args: argparse.Namespace):
     if len(pipe.embeddings):
         print(f"embeddings: {', '.join(pipe.embeddings.by_name)}", file=sys.stderr)
     pipe.lora_dir = loras
+    pipe.vae_dir = vae_dir(args)
+    if getattr(args, "lora_mode", "merged") == "unmerged":
+        pipe.set_loras([], merge=False)  # prompt tags too are kept out of the weights from now on
+    vae = vae_option(args)
+    if vae is not None:
+        pipe.set_vae(vae)
     pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
     return pipe
 
@@ -355,9 +392,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # --from-png of one image of a batch: re-run the batch (one shared generator), keep that image.
     keep = [params.batch_pos] if replay_batch and args.num is None and num > 1 else None
     loras = lora_options(args)
+    vae = vae_option(args, params.vae if args.from_png else None)
     pipe = load_pipeline(args)
+    if vae is not None:
+        pipe.set_vae(vae)
     if loras:
-        pipe.set_loras(loras)
+        pipe.set_loras(loras, merge=args.lora_mode == "merged")
     if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
         print(f"warning: the PNG was made with model hash {params.model_hash}; this checkpoint's is "
               f"{pipe.model_hash}, so the image will differ", file=sys.stderr)  # fmt: skip
@@ -451,7 +491,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         if tag.kind == "lora":
             te, unet = lora_multipliers(tag)
             print(f"tag {tag.text}: LoRA {tag.name!r}, text encoder {te:g}, U-Net {unet:g}; taken out of the "
-                  "prompt (LoRA files are not applied yet)")  # fmt: skip
+                  "prompt, the file (from --lora-dir) merged")  # fmt: skip
         else:
             print(f"tag {tag.text}: {tag.kind} networks are not supported; taken out of the prompt, ignored")
     if folder is not None:
@@ -528,6 +568,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="LoRA files, named by <lora:NAME:WEIGHT> tags in prompts (default: the 'Lora' folder of the "
         "model folder, when it exists)",
+    )
+    group.add_argument(
+        "--lora-mode",
+        choices=("merged", "unmerged"),
+        default="merged",
+        help="merged (default, fastest): LoRA deltas written into the weights, originals restored after; "
+        "unmerged: weights left untouched, the deltas added as the weights are read (torch backend)",
+    )
+    group.add_argument(
+        "--vae",
+        metavar="FILE",
+        help="decode (and encode) with this VAE file instead of the checkpoint's, e.g. "
+        "vae-ft-mse-840000-ema-pruned.safetensors: a path or a name in --vae-dir; original or diffusers "
+        "layout ('None': the checkpoint's own)",
+    )
+    group.add_argument(
+        "--vae-dir",
+        metavar="DIR",
+        help="VAE files for --vae and for PNGs that name one (default: the 'VAE' folder of the model "
+        "folder, when it exists)",
     )
     group.add_argument(
         "--backend",

@@ -62,6 +62,8 @@ class GenerationParams:
     clip_skip: int = 1
     model_hash: str | None = None
     model: str | None = None
+    vae_hash: str | None = None  # of a swapped-in VAE file (A1111: sha256[:10])
+    vae: str | None = None  # its file name; a replay looks it up in the VAE folder
     # Images of a batch share one seed (one generator, as diffusers' num_images_per_prompt): an image is
     # reproduced by re-running its batch and keeping its position.
     batch_size: int = 1
@@ -135,6 +137,8 @@ class GenerationParams:
             ("Size", f"{self.width}x{self.height}"),
             ("Model hash", self.model_hash),
             ("Model", self.model),
+            ("VAE hash", self.vae_hash),
+            ("VAE", self.vae),
             ("Variation seed", self.subseed if variation else None),
             ("Variation seed strength", f"{self.subseed_strength:g}" if variation else None),
             ("Seed resize from", resize),
@@ -221,6 +225,8 @@ class GenerationParams:
                 clip_skip=int(settings.get("Clip skip", 1)),
                 model_hash=settings.get("Model hash"),
                 model=settings.get("Model"),
+                vae_hash=settings.get("VAE hash"),
+                vae=settings.get("VAE"),
                 batch_size=int(settings.get("Batch size", 1)),
                 batch_pos=int(settings.get("Batch pos", 0)),
                 emphasis=settings.get("Emphasis", "Original"),
@@ -244,11 +250,12 @@ _HONOURED = frozenset({
     "Variation seed strength", "Seed resize from", "Eta", "Eta DDIM", "Sigma churn", "Sigma tmin",
     "Sigma tmax", "Sigma noise", "Schedule min sigma", "Schedule max sigma", "Schedule rho",
     "Discard penultimate sigma", "Downcast alphas_cumprod", "Old prompt editing timelines",
-    "Noise multiplier", "SGM noise multiplier", "Lora hashes", "Hires upscale", "Hires resize", "Hires steps",
-    "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt", "Hires negative prompt",
-    "First pass size",
+    "Noise multiplier", "SGM noise multiplier", "Lora hashes", "VAE", "Hires upscale", "Hires resize",
+    "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
+    "Hires negative prompt", "First pass size",
 })  # fmt: skip
-# (Lora hashes are read to name the files; the prompt's <lora:...> tags are what applies them.)
+# (Lora hashes are read to name the files; the prompt's <lora:...> tags are what applies them. VAE names
+# the file a replay swaps in, as A1111's sd_vae override.)
 _NO_EFFECT = frozenset({"Model hash", "Model", "Version", "TI hashes", "User", "VAE hash", "Init image hash"})
 _NUMBERS = {
     "Eta": "eta", "Eta DDIM": "eta_ddim", "Sigma churn": "s_churn", "Sigma tmin": "s_tmin",

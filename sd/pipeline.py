@@ -47,7 +47,16 @@ from .hires import (
 )
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .models import config_of
-from .networks import ActiveLora, LoraCache, WeightMerger, find_lora, lora_hashes
+from .networks import (
+    ActiveLora,
+    LoraCache,
+    RebindingMerger,
+    UnmergedNetworks,
+    WeightMerger,
+    find_lora,
+    lora_hashes,
+    lora_tag,
+)
 from .noise import ImageNoise
 from .params import GenerationParams
 from .prompts import NetworkTag, extract_networks, lora_multipliers
@@ -58,6 +67,7 @@ from .samplers.schedule import alphas_cumprod
 from .samplers.sigmas import ldm_alphas_cumprod
 from .samplers.timesteps import CFGPP_SCALE, TimestepsSampler
 from .tokenizer import CLIPTokenizer
+from .vae_swap import VAE_AUTOMATIC, VAE_NONE, VAEFileError, VAESwap, find_vae, read_vae, vae_hash, vae_name
 
 log = logging.getLogger("sd")
 
@@ -175,8 +185,14 @@ class Pipeline:
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
         self.lora_dir: Path | None = None  # where <lora:name:w> tags are looked up
+        self.vae_dir: Path | None = None  # where set_vae looks names up (A1111's models/VAE)
+        self.vae_file: Path | None = None  # the swapped-in VAE; None: the checkpoint's own
+        self.vae_hash: str | None = None  # A1111's VAE hash of vae_file
+        self._vae_swap = VAESwap(models)
         self._lora_files = LoraCache()
-        self._lora_merger = WeightMerger(models)
+        # Converted modules (OpenVINO) take their weights through rebind(); torch modules are merged into.
+        converted = hasattr(models["diffusion"], "rebind")
+        self._lora_merger = RebindingMerger(models) if converted else WeightMerger(models)
         self._loras: list[ActiveLora] = []  # set_loras' set; prompt tags add theirs per run
         self.active_loras: list[ActiveLora] = []  # merged into the weights now
         self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
@@ -253,11 +269,13 @@ class Pipeline:
 
     # --- LoRA ---------------------------------------------------------------------------------------
 
-    def set_loras(self, loras: Sequence[tuple[str | Path, LoraWeight]]) -> None:
+    def set_loras(self, loras: Sequence[tuple[str | Path, LoraWeight]], merge: bool = True) -> None:
         """Merge these LoRA / LyCORIS files into the weights, in order: each `(path, weight)`, the weight a
         float or a `(text_encoder, unet)` pair (A1111's strengths). `[]` restores the original weights bit
-        for bit. Prompt tags (`<lora:name:w>`) add their files on top for a run. ValueError (one line) for
-        a file that is no LoRA for this model."""
+        for bit. Prompt tags (`<lora:name:w>`) add their files on top for a run. `merge=False` keeps them
+        (and later tags) out of the weights: forward hooks add them to the layers' outputs instead.
+        ValueError (one line) for a file that is no LoRA for this model."""
+        self._lora_mode(merge)
         entries = []
         for path, weight in loras:
             te, unet = (weight, weight) if isinstance(weight, (int, float)) else weight
@@ -265,6 +283,15 @@ class Pipeline:
             entries.append(ActiveLora(file.name, file, float(te), float(unet)))
         self._apply_loras(entries)
         self._loras = entries
+
+    def _lora_mode(self, merge: bool) -> None:
+        if merge == (not isinstance(self._lora_merger, UnmergedNetworks)):
+            return
+        if not merge and isinstance(self._lora_merger, RebindingMerger):
+            raise ValueError("un-merged LoRA needs the torch backend's modules (OpenVINO merges them)")
+        self._lora_merger.restore()
+        self.active_loras = []
+        self._lora_merger = WeightMerger(self.models) if merge else UnmergedNetworks(self.models)
 
     def _apply_loras(self, loras: list[ActiveLora]) -> None:
         try:
@@ -289,8 +316,33 @@ class Pipeline:
                 where = f"in {self.lora_dir}" if self.lora_dir is not None else "(no LoRA folder: --lora-dir)"
                 log.warning("%s: no LoRA named %r %s; the tag is ignored", tag.text, tag.name, where)
                 continue
-            found.append(ActiveLora(tag.name, self._lora_files.load(path, self.config), te, unet))
+            try:
+                file = self._lora_files.load(path, self.config)
+            except ValueError as error:  # A1111 logs a file it cannot use and makes the image without it
+                log.warning("%s: %s; the tag is ignored", tag.text, error)
+                continue
+            found.append(ActiveLora(tag.name, file, te, unet))
         return found
+
+    # --- VAE swap ---------------------------------------------------------------------------------
+
+    def set_vae(self, vae: str | Path | None) -> None:
+        """Encode and decode with this VAE file (original or diffusers layout; a bare name is looked up in
+        `vae_dir`); None, "None" or "Automatic" give the checkpoint's own back, bit for bit. VAEFileError
+        (one line) for a file that is no SD1.x VAE."""
+        path = None
+        if vae is not None and str(vae) not in (VAE_AUTOMATIC, VAE_NONE):
+            path = find_vae(self.vae_dir, str(vae))
+            if path is None:
+                where = f" in {self.vae_dir}" if self.vae_dir is not None else ""
+                raise VAEFileError(f"{vae}: no such VAE file{where}")
+            path = path.resolve()
+        if path == self.vae_file:
+            return
+        states = read_vae(path, self.config) if path is not None else None
+        digest = vae_hash(path) if path is not None else None
+        self._vae_swap.apply(states, digest)
+        self.vae_file, self.vae_hash = path, digest
 
     def condition(
         self, params: GenerationParams, total_steps: int, hires_steps: int | None = None
@@ -408,8 +460,14 @@ class Pipeline:
             latents, second = run_second_pass(self, params, latents, eta, callback)
             resolved = {**resolved, **second}
         pixels = self.decode(latents, truncate=params.a1111)
-        params = replace(params, ti_hashes=ti_hashes(conditioning.embeddings), pad_conds=guidance.padded,
-                         lora_hashes=lora_hashes(self.active_loras), unhonoured=(), **resolved)  # fmt: skip
+        # set_loras' files are written as the prompt tags A1111 (and --from-png) would apply them from.
+        tags = [lora_tag(a) for a in self._loras]
+        prompt = " ".join([params.prompt, *tags])
+        if params.hr_prompt:  # A1111 re-activates the networks from the hires prompt's tags
+            params = replace(params, hr_prompt=" ".join([params.hr_prompt, *tags]))
+        params = replace(params, prompt=prompt, ti_hashes=ti_hashes(conditioning.embeddings),
+                         pad_conds=guidance.padded, lora_hashes=lora_hashes(self.active_loras), unhonoured=(),
+                         **resolved)  # fmt: skip
         return [
             self._with_params(Image.fromarray(p), self._image_params(params, i, num_images))
             for i, p in enumerate(pixels)
@@ -456,7 +514,8 @@ class Pipeline:
         cfg_scale = params.cfg_scale
         if isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp:
             cfg_scale *= CFGPP_SCALE  # DDIM CFG++ guides at a fraction of the scale (the PNG keeps the scale)
-        guidance = Guidance(conditioning, cfg_scale, a1111=True)
+        cfgpp = isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp
+        guidance = Guidance(conditioning, cfg_scale, a1111=True, needs_uncond=cfgpp)
         images = [params.a1111_image(i) for i in range(shape[0])]
         seeds, subseeds = [p.seed for p in images], [p.subseed or 0 for p in images]
         noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,
@@ -556,7 +615,9 @@ class Pipeline:
 
     def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
         # The text travels in image.info["parameters"]; save_png writes it into the PNG.
-        params = replace(params, model=self.model_name, model_hash=self.model_hash)
+        vae = vae_name(self.vae_file) if self.vae_file is not None else None
+        params = replace(params, model=self.model_name, model_hash=self.model_hash, vae=vae,
+                         vae_hash=self.vae_hash)  # fmt: skip
         image.info["parameters"] = params.to_text()
         return image
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..checkpoints import file_sha256
 from .deltas import delta_weight, dora
 from .lora import LoraFile
 
@@ -30,8 +31,14 @@ class ActiveLora:
         return self.te if component == "clip" else self.unet
 
 
+def lora_tag(lora: ActiveLora) -> str:
+    """The A1111 prompt tag that applies `lora` as it is: <lora:name:w>, or <lora:name:te:unet>."""
+    strengths = f"{lora.te:g}" if lora.te == lora.unet else f"{lora.te:g}:{lora.unet:g}"
+    return f"<lora:{lora.name}:{strengths}>"
+
+
 class WeightMerger:
-    """Merges LoRA sets into `models` ({"clip": ..., "diffusion": ...}) in place."""
+    """Merges LoRA sets into `models` ({"clip": ..., "diffusion": ...}, or one of them) in place."""
 
     def __init__(self, models: Mapping[str, nn.Module]):
         self.models = models
@@ -81,7 +88,8 @@ class WeightMerger:
         for lora in loras:
             for m in lora.file.modules:
                 multiplier = lora.multiplier(m.component)
-                if multiplier:  # strength 0 leaves the layer exactly as it is
+                # strength 0 leaves the layer exactly as it is; components not given are left alone
+                if multiplier and m.component in self.models:
                     targets.setdefault((m.component, m.module), []).append((lora, m.tensors, multiplier))
         with torch.no_grad():
             for target in [t for t in self._originals if t not in targets]:
@@ -102,3 +110,37 @@ class WeightMerger:
                         delta = dora(delta, merged, tensors["dora_scale"])
                     merged = merged + delta * multiplier
                 weight.copy_(merged.to(weight.dtype))
+
+
+def _touches(file: LoraFile, component: str) -> bool:
+    return any(m.component == component for m in file.modules)
+
+
+class RebindingMerger:
+    """WeightMerger's interface for models that run converted weights (the OpenVINO backend): a set is
+    handed to each component's `rebind(weights_id, prepare)`, which merges it into freshly read torch
+    weights and converts them once, cached under an id made of the files' hashes and strengths."""
+
+    def __init__(self, models: Mapping[str, nn.Module]):
+        self.models = models
+        self._merged: dict[str, tuple] = {}
+
+    def apply(self, loras: Sequence[ActiveLora]) -> None:
+        for component in ("clip", "diffusion"):
+            used = [a for a in loras if a.multiplier(component) and _touches(a.file, component)]
+            key = tuple((file_sha256(a.file.path), a.multiplier(component)) for a in used)
+            if key == self._merged.get(component, ()):
+                continue
+            module = self.models[component]
+            if key:
+
+                def prepare(m: nn.Module, c: str = component, chosen: list = used) -> None:
+                    WeightMerger({c: m}).apply(chosen)
+
+                module.rebind(f"lora {key}", prepare)
+            else:
+                module.rebind(None, None)
+            self._merged[component] = key
+
+    def restore(self) -> None:
+        self.apply([])
