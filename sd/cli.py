@@ -742,7 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
   POST /sdapi/v1/txt2img   JSON with A1111's fields: prompt, negative_prompt, seed (-1: random), steps,
                            cfg_scale, sampler_name ("DPM++ 2M", "Euler a", ... or ours), scheduler
                            ("Karras", ...), width, height, batch_size, n_iter, subseed, subseed_strength,
-                           seed_resize_from_w/h, eta, clip_skip, override_settings (A1111's option names)
+                           seed_resize_from_w/h, eta, clip_skip, override_settings (A1111's option names),
+                           and the hires fix: enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps,
+                           denoising_strength, hr_resize_x/y, hr_sampler_name, hr_scheduler, hr_prompt, ...
   POST /sdapi/v1/img2img   the same, plus init_images (one base64 image) and denoising_strength
   GET  /sdapi/v1/progress  how far the running job is;  POST /sdapi/v1/interrupt stops it
   GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/options
