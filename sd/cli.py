@@ -110,9 +110,11 @@ def resolve_params(args: argparse.Namespace):
     elif args.strength is not None:
         raise ValueError("--strength needs --init-image")
     hires = hires_options(args, base)
-    if hires.get("enable_hr"):
-        if args.init_image:
+    if hires.get("enable_hr") and args.init_image:
+        if args.hires is not None:
             raise ValueError("--hires is for txt2img; it cannot go with --init-image")
+        hires = {"enable_hr": False}  # a hires PNG's settings for img2img: A1111's img2img has no hires pass
+    elif hires.get("enable_hr"):
         strength = hires.pop("strength")
     seed = args.seed if args.seed is not None else (base.seed if args.from_png else new_seed())
     variation_strength = base.subseed_strength if args.variation_strength is None else args.variation_strength

@@ -249,14 +249,16 @@ def run_second_pass(
     upscaled = crop(upscaled, size)
     second = second_pass_params(params)
     shape = (latents.shape[0], latents.shape[1], *upscaled.shape[-2:])
+    named = {} if params.hr_upscaler is None else {"hr_upscaler": upscaler}  # as A1111 spells it
     if params.a1111:
         requested = second_pass_steps(params)
         init = SecondPass(upscaled, requested, total_steps(params.sampler, params.steps),
                           total_steps(second.sampler, requested))  # fmt: skip
         latents, _, _, resolved = pipe._sample_a1111(second, shape, eta, callback, None, init=init)
-        return latents, {"hr_sampler_name": resolved.get("sampler"), "hr_scheduler": resolved.get("schedule")}
+        hires = {"hr_sampler_name": resolved.get("sampler"), "hr_scheduler": resolved.get("schedule")}
+        return latents, {**named, **hires}
     latents, _, _, _ = pipe._sample_diffusers(second, shape, eta, callback, None, init=(upscaled, generator))
-    return latents, {}
+    return latents, named
 
 
 @dataclass(frozen=True)

@@ -630,6 +630,7 @@ BAD = [
     (["--hires", "2", "--hires-strength", "0"], "hires denoising strength must be in (0, 1]"),
     (["--hires", "2", "--hires-steps", "-1"], "hires steps must be >= 0"),
     (["--hires-steps", "4"], "--hires-steps needs --hires"),
+    (["--hires", "2", "--init-image", "in.png"], "--hires is for txt2img; it cannot go with --init-image"),
     (["--hires", "2", "--hires-sampler", "nope"], "unknown sampler 'nope'"),
 ]
 
