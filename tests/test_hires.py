@@ -673,3 +673,23 @@ def test_the_server_maps_a1111s_hires_fields_one_to_one() -> None:
     assert (params.hr_second_pass_steps, params.hr_sampler_name, params.hr_scheduler, params.hr_prompt) == (
         6, "Euler a", None, "b")  # fmt: skip
     assert not parse_request({"prompt": "a", "hr_scale": 3}, img2img=False).params.enable_hr
+
+
+@tiny
+@pytest.mark.parametrize(
+    "hr_sampler", ["DDIM", "PLMS", "UniPC", "Heun", "DPM++ SDE", "DPM fast", "LCM", "Restart"]
+)
+def test_every_kind_of_hires_sampler_runs_its_calls(world: World, hr_sampler: str) -> None:
+    """The second pass on A1111's other sampler kinds (timesteps, second-order, sigma-range, LCM): as many
+    model calls as model_calls() says (the CLI's progress total), at the hires size."""
+    from sd.config import TINY
+    from sd.pipeline import model_calls
+
+    params = GenerationParams(PROMPT, steps=3, sampler="Euler a", seed=2, width=SIZE, height=SIZE, a1111=True,
+                              strength=0.7, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=4,
+                              hr_sampler_name=hr_sampler)  # fmt: skip
+    seen = []
+    image = Pipeline(world.ours).run(params, callback=seen.append)[0]
+    assert image.size == (96, 96)
+    assert len(seen) == model_calls(params, TINY.schedule)
+    assert f"Hires sampler: {hr_sampler}," in image.info["parameters"]
