@@ -52,8 +52,9 @@ IMAGE_UPSCALERS: dict[str, Image.Resampling | None] = {
     "Nearest": Image.Resampling.NEAREST,
 }
 # A1111's model upscalers: named in the error, not run here (they need their own networks)
-MODEL_UPSCALERS = ("ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "LDSR", "ScuNET", "ScuNET PSNR",
-                   "SwinIR_4x", "DAT x2", "DAT x3", "DAT x4")  # fmt: skip
+MODEL_UPSCALERS = ("ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "R-ESRGAN General 4xV3",
+                   "R-ESRGAN General WDN 4xV3", "R-ESRGAN AnimeVideo", "R-ESRGAN 2x+", "LDSR", "ScuNET GAN",
+                   "ScuNET PSNR", "SwinIR 4x", "DAT x2", "DAT x3", "DAT x4")  # fmt: skip
 LATENT_DOWNSCALE = 8  # A1111's opt_f: SD's VAE; a model of ours may have another (the pipeline passes its)
 
 
@@ -67,7 +68,8 @@ def upscaler_label(name: str | None) -> str:
     found = by_lower.get(name.strip().lower())
     if found is not None:
         return found
-    why = "needs its model, which is not supported" if name in MODEL_UPSCALERS else "is not an upscaler"
+    model = name.strip().lower() in {m.lower() for m in MODEL_UPSCALERS}
+    why = "needs its model, which is not supported" if model else "is not a built-in upscaler"
     raise ValueError(f"hires upscaler {name!r} {why}; one of: {', '.join(known)}")
 
 

@@ -623,7 +623,7 @@ def test_cli_hires_with_the_builtin_model_makes_twice_the_size_and_replays(
 
 BAD = [
     (["--hires", "2", "--hires-upscaler", "ESRGAN_4x"], "'ESRGAN_4x' needs its model"),
-    (["--hires", "2", "--hires-upscaler", "bilinear"], "'bilinear' is not an upscaler"),
+    (["--hires", "2", "--hires-upscaler", "bilinear"], "'bilinear' is not a built-in upscaler"),
     (["--hires", "0.5"], "hires scale must be at least 1, got 0.5"),
     (["--hires", "two"], "--hires takes a scale"),
     (["--hires", "4", "--width", "1024", "--height", "512"], "hires fix to 4096x2048: width must be"),
@@ -653,8 +653,8 @@ def test_bad_hires_input_in_python() -> None:
     from sd.hires import check_hires
 
     good = dict(prompt="a", a1111=True, enable_hr=True, strength=0.5)
-    with pytest.raises(ValueError, match="hires upscaler 'SwinIR_4x' needs its model"):
-        check_hires(GenerationParams(**good, hr_upscaler="SwinIR_4x"))
+    with pytest.raises(ValueError, match="hires upscaler 'SwinIR 4x' needs its model"):
+        check_hires(GenerationParams(**good, hr_upscaler="SwinIR 4x"))
     with pytest.raises(ValueError, match="hires resize must be >= 0"):
         check_hires(GenerationParams(**good, hr_resize_x=-8))
     with pytest.raises(ValueError, match="hires scale must be at least 1"):

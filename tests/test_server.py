@@ -188,8 +188,8 @@ BAD_REQUESTS = {
     "unknown way": ("txt2img", {"way": "comfy"}, "way must be one of a1111, diffusers"),
     "hires upscaler": (
         "txt2img",
-        {"enable_hr": True, "hr_upscaler": "SwinIR_4x"},
-        "'SwinIR_4x' needs its model",
+        {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"},
+        "'R-ESRGAN 4x+' needs its model",
     ),
     "hires scale": (
         "txt2img",
