@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .samplers import get_sampler
 from .samplers.a1111 import SAMPLERS, exact_label, sampler_label
 from .samplers.sigmas import SCHEDULE_TYPES, schedule_type
 from .samplers.timesteps import TimestepsSampler, setup_img2img_steps
@@ -219,6 +220,8 @@ def check_hires(params: GenerationParams, downscale: int = LATENT_DOWNSCALE) -> 
         raise ValueError(f"hires denoising strength must be in (0, 1], got {params.strength}")
     if params.a1111 and params.hr_sampler_name is not None:
         sampler_label(params.hr_sampler_name)
+    elif params.hr_sampler_name is not None:  # diffusers' way: our names (before any pass runs)
+        get_sampler(params.hr_sampler_name, 1)
     if params.a1111 and params.hr_scheduler is not None and params.hr_scheduler.lower() != "automatic":
         schedule_type(params.hr_scheduler)
     return hires_size(params.width, params.height, params.hr_scale, params.hr_resize_x, params.hr_resize_y,
