@@ -37,13 +37,66 @@ def lora_tag(lora: ActiveLora) -> str:
     return f"<lora:{lora.name}:{strengths}>"
 
 
-class WeightMerger:
-    """Merges LoRA sets into `models` ({"clip": ..., "diffusion": ...}, or one of them) in place."""
+LayerParts = dict[tuple[str, str], list[tuple[ActiveLora, Mapping[str, torch.Tensor], float]]]
+
+
+def layer_parts(loras: Sequence[ActiveLora], models: Mapping[str, nn.Module]) -> LayerParts:
+    """(component, layer) -> the set's (file, tensors, multiplier) for it, in file order. Strength 0
+    leaves a layer exactly as it is, and components not in `models` are left alone."""
+    parts: LayerParts = {}
+    for lora in loras:
+        for m in lora.file.modules:
+            multiplier = lora.multiplier(m.component)
+            if multiplier and m.component in models:
+                parts.setdefault((m.component, m.module), []).append((lora, m.tensors, multiplier))
+    return parts
+
+
+def layer_delta(lora: ActiveLora, tensors: Mapping[str, torch.Tensor], layer: str, weight: torch.Tensor):
+    """dW (fp32) of one file's layer at multiplier 1, over `weight` (W0 plus the earlier files' deltas,
+    which DoRA's rescaling depends on); ValueError naming the file for tensors that do not fit."""
+    try:
+        delta = delta_weight(tensors, weight.shape)
+    except ValueError as error:
+        raise ValueError(f"{lora.file.path}: layer {layer}: {error} (a LoRA for another model?)") from None
+    if "dora_scale" in tensors:  # A1111: DoRA's rescaling first, then the multiplier
+        delta = dora(delta, weight, tensors["dora_scale"])
+    return delta
+
+
+class NetworkSet:
+    """A LoRA set applied to `models`: `apply(set)` (the same set again does nothing), `restore()`."""
 
     def __init__(self, models: Mapping[str, nn.Module]):
         self.models = models
+        self._applied: tuple = ()
+
+    def apply(self, loras: Sequence[ActiveLora]) -> None:
+        """Apply the set's deltas (files in order); [] gives the original model back. On an error (a file
+        that does not fit the model) the original model is restored and it is raised."""
+        key = tuple((a.file.stamp, a.te, a.unet) for a in loras)
+        if key == self._applied:
+            return
+        try:
+            self._install(loras)
+        except BaseException:
+            self.restore()
+            raise
+        self._applied = key
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def _install(self, loras: Sequence[ActiveLora]) -> None:
+        raise NotImplementedError
+
+
+class WeightMerger(NetworkSet):
+    """Merges LoRA sets into `models` ({"clip": ..., "diffusion": ...}, or one of them) in place."""
+
+    def __init__(self, models: Mapping[str, nn.Module]):
+        super().__init__(models)
         self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (component, module) -> W0 copy
-        self._merged: tuple = ()
 
     @property
     def touched(self) -> int:
@@ -60,37 +113,17 @@ class WeightMerger:
             raise ValueError(f"the {component} layer {module} has no weight tensor to merge a LoRA into")
         return weight
 
-    def apply(self, loras: Sequence[ActiveLora]) -> None:
-        """Make the weights W0 + the set's deltas (files in order); [] restores the originals.
-
-        On an error (a file that does not fit the model) the originals are restored and it is raised.
-        """
-        key = tuple((a.file.stamp, a.te, a.unet) for a in loras)
-        if key == self._merged:
-            return
-        try:
-            self._merge(loras)
-        except BaseException:
-            self.restore()
-            raise
-        self._merged = key
-
     def restore(self) -> None:
         """Write every kept original back (bit-exact) and forget them."""
         with torch.no_grad():
             for (component, module), original in self._originals.items():
                 self._weight(component, module).copy_(original)
         self._originals.clear()
-        self._merged = ()
+        self._applied = ()
 
-    def _merge(self, loras: Sequence[ActiveLora]) -> None:
-        targets: dict[tuple[str, str], list[tuple[ActiveLora, dict[str, torch.Tensor], float]]] = {}
-        for lora in loras:
-            for m in lora.file.modules:
-                multiplier = lora.multiplier(m.component)
-                # strength 0 leaves the layer exactly as it is; components not given are left alone
-                if multiplier and m.component in self.models:
-                    targets.setdefault((m.component, m.module), []).append((lora, m.tensors, multiplier))
+    def _install(self, loras: Sequence[ActiveLora]) -> None:
+        """Make the weights W0 + the set's deltas, writing back the originals of layers it leaves."""
+        targets = layer_parts(loras, self.models)
         with torch.no_grad():
             for target in [t for t in self._originals if t not in targets]:
                 self._weight(*target).copy_(self._originals.pop(target))
@@ -101,14 +134,7 @@ class WeightMerger:
                     original = self._originals[target] = weight.detach().to("cpu", copy=True)
                 merged = original.to(torch.float32)
                 for lora, tensors, multiplier in parts:
-                    try:
-                        delta = delta_weight(tensors, original.shape)
-                    except ValueError as error:
-                        raise ValueError(f"{lora.file.path}: layer {target[1]}: {error} (a LoRA for another "
-                                         "model?)") from None  # fmt: skip
-                    if "dora_scale" in tensors:  # A1111: DoRA's rescaling first, then the multiplier
-                        delta = dora(delta, merged, tensors["dora_scale"])
-                    merged = merged + delta * multiplier
+                    merged = merged + layer_delta(lora, tensors, target[1], merged) * multiplier
                 weight.copy_(merged.to(weight.dtype))
 
 

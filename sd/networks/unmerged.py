@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .deltas import delta_weight, dora, kind_of, network_scale
-from .merge import ActiveLora
+from .deltas import kind_of, network_scale
+from .merge import ActiveLora, NetworkSet, layer_delta, layer_parts
 
 
 class _AddDeltas(nn.Module):
@@ -33,25 +33,12 @@ class _AddDeltas(nn.Module):
         return total.to(weight.dtype)
 
 
-class UnmergedNetworks:
-    """WeightMerger's interface, un-merged: `apply(set)` parametrizes the set's layers, `[]` removes them."""
+class UnmergedNetworks(NetworkSet):
+    """A LoRA set kept out of the weights: `apply(set)` parametrizes its layers, `[]` removes them."""
 
     def __init__(self, models: Mapping[str, nn.Module]):
-        self.models = models
+        super().__init__(models)
         self._layers: list[nn.Module] = []
-        self._applied: tuple = ()
-
-    def apply(self, loras: Sequence[ActiveLora]) -> None:
-        key = tuple((a.file.stamp, a.te, a.unet) for a in loras)
-        if key == self._applied:
-            return
-        self.restore()
-        try:
-            self._parametrize(loras)
-        except BaseException:
-            self.restore()
-            raise
-        self._applied = key
 
     def restore(self) -> None:
         for layer in self._layers:
@@ -61,26 +48,15 @@ class UnmergedNetworks:
         self._layers.clear()
         self._applied = ()
 
-    def _parametrize(self, loras: Sequence[ActiveLora]) -> None:
-        parts: dict[tuple[str, str], list[tuple[ActiveLora, Mapping[str, torch.Tensor], float]]] = {}
-        for lora in loras:
-            for m in lora.file.modules:
-                multiplier = lora.multiplier(m.component)
-                if multiplier and m.component in self.models:
-                    parts.setdefault((m.component, m.module), []).append((lora, m.tensors, multiplier))
-        for (component, name), entries in parts.items():
+    def _install(self, loras: Sequence[ActiveLora]) -> None:
+        self.restore()
+        for (component, name), entries in layer_parts(loras, self.models).items():
             layer = self.models[component].get_submodule(name)
             weight = layer.weight.detach()
             merged = weight.float()
             low_rank, full = [], None
             for lora, tensors, multiplier in entries:
-                try:
-                    delta = delta_weight(tensors, weight.shape)  # also checks the shapes, as merging does
-                except ValueError as error:
-                    raise ValueError(f"{lora.file.path}: layer {name}: {error} (a LoRA for another "
-                                     "model?)") from None  # fmt: skip
-                if "dora_scale" in tensors:  # DoRA rescales the weight so far: its delta depends on it
-                    delta = dora(delta, merged, tensors["dora_scale"])
+                delta = layer_delta(lora, tensors, name, merged)  # also checks the shapes, as merging does
                 merged = merged + delta * multiplier
                 if kind_of(tensors) == "lora" and "mid" not in tensors and "dora_scale" not in tensors:
                     rank = tensors["down"].shape[0]
