@@ -693,3 +693,27 @@ def test_every_kind_of_hires_sampler_runs_its_calls(world: World, hr_sampler: st
     assert image.size == (96, 96)
     assert len(seen) == model_calls(params, TINY.schedule)
     assert f"Hires sampler: {hr_sampler}," in image.info["parameters"]
+
+
+def test_cli_replays_an_a1111_hires_png(tmp_path, monkeypatch, capsys) -> None:
+    """--from-png of an A1111 hires infotext: its denoising strength, steps, sampler and upscaler, no
+    warning; the image Pipeline.run makes from the parsed parameters."""
+    from sd.checkpoints import BUILTIN_MODEL
+    from sd.cli import main
+    from sd.images import save_png
+    from sd.weights import load_models
+
+    if not BUILTIN_MODEL.is_file():
+        pytest.skip("the built-in model is not trained yet (scripts/train_builtin.sh)")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SD_HOME", str(tmp_path / "home"))
+    text = ("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 7, Seed: 5, Size: 64x64, Denoising strength: 0.55, Hires sampler: Euler a, "
+            "Hires resize: 96x80, Hires steps: 2, Hires upscaler: Lanczos, Version: v1.10.1")  # fmt: skip
+    save_png(Image.new("RGB", (96, 80)), tmp_path / "a1111.png", text)
+    assert main(["generate", "--from-png", "a1111.png", "-o", "ours.png"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err, err
+    expected = Pipeline(load_models(BUILTIN_MODEL)).run(GenerationParams.from_text(text))[0]
+    ours = Image.open("ours.png")
+    assert ours.size == (96, 80) and np.array_equal(np.asarray(ours), np.asarray(expected))
