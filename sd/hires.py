@@ -74,10 +74,6 @@ def upscaler_label(name: str | None) -> str:
     raise ValueError(f"hires upscaler {name!r} {why}; one of: {', '.join(known)}")
 
 
-def is_latent(upscaler: str | None) -> bool:
-    return upscaler_label(upscaler) in LATENT_UPSCALE_MODES
-
-
 @dataclass(frozen=True)
 class HiresSize:
     """Where the hires pass goes: the upscale target (hr_upscale_to_x/y) and the crop, in latent pixels
@@ -342,11 +338,18 @@ __all__ = [
     "DEFAULT_UPSCALER",
     "IMAGE_UPSCALERS",
     "LATENT_UPSCALE_MODES",
+    "MODEL_UPSCALERS",
     "HiresSize",
+    "SecondPass",
     "check_hires",
     "crop",
+    "hires_schedule_text",
     "hires_size",
+    "infer_hr_scheduler",
     "run_second_pass",
+    "second_pass_params",
+    "second_pass_start",
+    "second_pass_steps",
     "upscale_image",
     "upscale_latents",
     "upscaler_label",
