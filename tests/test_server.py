@@ -211,7 +211,16 @@ BAD_REQUESTS = {
         "scheduler 'Exponential'",
     ),
     "unknown way": ("txt2img", {"way": "comfy"}, "way must be one of a1111, diffusers"),
-    "hires fix": ("txt2img", {"enable_hr": True, "hr_scale": 2}, "enable_hr: hires fix is not supported yet"),
+    "hires upscaler": (
+        "txt2img",
+        {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"},
+        "'R-ESRGAN 4x+' needs its model",
+    ),
+    "hires scale": (
+        "txt2img",
+        {"enable_hr": True, "hr_scale": 0.5},
+        "hires scale must be at least 1, got 0.5",
+    ),
     "inpainting": (
         "img2img",
         {"init_images": [RED_PNG], "mask": RED_PNG},

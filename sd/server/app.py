@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from . import models
 from .catalog import memory
 from .parse import BadRequestError, parse_request, png_info
-from .service import LATENT_UPSCALE_MODES, Service
+from .service import Service
 
 log = logging.getLogger("sd")
 MAX_BODY_BYTES = 64 * 2**20
@@ -271,9 +271,8 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
         "/sdapi/v1/embeddings": (service.embeddings, models.EmbeddingsResponse),
         "/sdapi/v1/memory": (memory, models.MemoryResponse),
         "/sdapi/v1/cmd-flags": (service.cmd_flags, dict[str, Any]),
-        "/sdapi/v1/upscalers": (_upscalers, list[models.UpscalerItem]),
-        "/sdapi/v1/latent-upscale-modes": (
-            lambda: [{"name": n} for n in LATENT_UPSCALE_MODES], list[models.LatentUpscaleModeItem]),
+        "/sdapi/v1/upscalers": (service.upscalers, list[models.UpscalerItem]),
+        "/sdapi/v1/latent-upscale-modes": (service.latent_upscale_modes, list[models.LatentUpscaleModeItem]),
         "/sdapi/v1/prompt-styles": (list, list[models.PromptStyleItem]),
         "/sdapi/v1/scripts": (lambda: {"txt2img": [], "img2img": []}, models.ScriptsList),
         "/sdapi/v1/script-info": (list, list[dict[str, Any]]),
@@ -315,9 +314,3 @@ def _listing(function):
 
 async def _nothing() -> None:
     return None
-
-
-def _upscalers() -> list[dict[str, Any]]:
-    """A1111's built-in upscalers (those needing no model file)."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name in ("None", "Lanczos", "Nearest")]  # fmt: skip

@@ -21,11 +21,12 @@ from PIL import Image
 
 from ..conditioning import check_emphasis
 from ..config import SD15
+from ..hires import upscaler_label
 from ..images import image_from_bytes, read_png_parameters
 from ..infotext import parse_infotext
 from ..noise import check_source
 from ..params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
-from ..pipeline import check_settings, check_size, model_calls, new_seed
+from ..pipeline import check_hires_settings, check_settings, check_size, model_calls, new_seed
 from ..prompts import check_prompt
 from ..samplers import ALIASES
 from ..samplers.sigmas import SCHEDULE_TYPES, schedule_type
@@ -76,7 +77,6 @@ HARMLESS_OPTIONS: dict[str, Any] = {
 }
 # Request fields that would change the image in a way we cannot make yet: refused when set.
 UNSUPPORTED_YET = {
-    "enable_hr": "hires fix",
     "mask": "inpainting",
     "latent_mask": "inpainting",
     "restore_faces": "face restoration",
@@ -84,7 +84,8 @@ UNSUPPORTED_YET = {
     "refiner_checkpoint": "a refiner",
     "alwayson_scripts": "scripts (e.g. ControlNet)",
     "disable_extra_networks": "disable_extra_networks",
-    "firstpass_image": "hires fix",
+    "firstpass_image": "a given hires first pass",
+    "hr_checkpoint_name": "another checkpoint for the hires pass",
 }
 # Fields we read (beyond GenerationParams'): a field sent and not here is listed as ignored.
 READ = frozenset({
@@ -94,6 +95,14 @@ READ = frozenset({
     "override_settings_restore_afterwards", "way", "clip_skip", "force_task_id", "infotext", "script_args",
     "script_name", "alwayson_scripts", "s_min_uncond", *UNSUPPORTED_YET,
 })  # fmt: skip
+# txt2img's hires fix (sd.hires), A1111's fields and defaults ("Use same ...": None)
+HIRES_DEFAULTS: dict[str, Any] = {
+    "enable_hr": False, "denoising_strength": 0.75, "hr_scale": 2.0, "hr_upscaler": None,
+    "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_sampler_name": None,
+    "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "", "firstphase_width": 0,
+    "firstphase_height": 0,
+}  # fmt: skip
+READ_TXT2IMG = READ | set(HIRES_DEFAULTS)
 READ_IMG2IMG = READ | {"init_images", "denoising_strength", "resize_mode", "initial_noise_multiplier"}
 RESIZE_MODES = {0: "Just resize", 1: "Crop and resize"}
 SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # diffusers' way: A1111 name -> karras
@@ -235,7 +244,10 @@ def parse_request(
     request's own "way" overrides; `options`: the server's options that were set (POST /options)."""
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object")
-    body = {k: v for k, v in body.items() if v is not None}
+    same_checkpoint = str(body.get("hr_checkpoint_name", "")).lower() in ("", "use same checkpoint")
+    body = {
+        k: v for k, v in body.items() if v is not None and not (k == "hr_checkpoint_name" and same_checkpoint)
+    }
     if isinstance(body.get("infotext"), str) and body["infotext"].strip():
         body = _from_infotext(body, body["infotext"])
     get = lambda name, kind, default=None: typed(body, name, kind, default)  # noqa: E731
@@ -276,6 +288,9 @@ def parse_request(
         # A1111 clients send eta (1.0) whatever the sampler, and A1111 applies it only where it means
         # something: here that is DDIM alone.
         eta = float(get("eta", (int, float), 0.0)) if ALIASES.get(sampler, sampler) == "ddim" else 0.0
+    if not img2img and get("enable_hr", bool, False):
+        hires = lambda name, kind: get(name, kind, HIRES_DEFAULTS[name])  # noqa: E731
+        params = replace(params, **_hires_fields(hires, params.a1111))
     for name, feature in UNSUPPORTED_YET.items():  # a wrong image that looks like success is worse
         if body.get(name):
             raise BadRequestError(f"{name}: {feature} is not supported yet; leave it out (or false)")
@@ -287,7 +302,7 @@ def parse_request(
     if resize_mode not in RESIZE_MODES:
         modes = ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items())
         raise BadRequestError(f"resize_mode {resize_mode} is not supported yet; use {modes}")
-    read = READ_IMG2IMG if img2img else READ
+    read = READ_IMG2IMG if img2img else (READ_TXT2IMG if params.enable_hr else READ)
     unread = set(body) - read
     if way == "diffusers":  # A1111's own fields do nothing there
         unread |= {name for name in body if name.startswith(("subseed", "seed_resize", "s_"))}
@@ -322,6 +337,8 @@ def parse_request(
         raise BadRequestError("img2img needs init_images: a list of one base64-encoded image")
     try:
         check_size(params.width, params.height)
+        if params.enable_hr:
+            check_hires_settings(params)
         check_settings(params.steps, params.cfg_scale, params.strength)
         check_emphasis(params.emphasis)
         check_prompt(params.prompt, params.steps)
@@ -346,6 +363,42 @@ def sampler_of(name: str, scheduler: str) -> tuple[str, bool]:
     if lowered.endswith(" karras"):  # older A1111 clients fold the schedule into the sampler name
         lowered, karras = lowered.removesuffix(" karras"), True
     return A1111_SAMPLER_NAMES.get(lowered, lowered), karras
+
+
+def _hires_fields(get, a1111: bool) -> dict[str, Any]:
+    """GenerationParams fields of txt2img's hires fix, one to one from A1111's request fields."""
+    for name in ("firstphase_width", "firstphase_height"):
+        if get(name, int):
+            raise BadRequestError(
+                f"{name}: A1111's old hires fix is not supported; use hr_scale or hr_resize_x/y"
+            )
+    same = {"use same sampler", "use same scheduler"}
+    hr_sampler = get("hr_sampler_name", str)
+    hr_sampler = None if not hr_sampler or hr_sampler.lower() in same else hr_sampler
+    hr_scheduler = get("hr_scheduler", str)
+    hr_scheduler = None if not hr_scheduler or hr_scheduler.lower() in same else hr_scheduler
+    fields: dict[str, Any] = dict(
+        enable_hr=True,
+        strength=float(get("denoising_strength", (int, float))),
+        hr_scale=float(get("hr_scale", (int, float))),
+        hr_upscaler=get("hr_upscaler", str),
+        hr_second_pass_steps=get("hr_second_pass_steps", int),
+        hr_resize_x=get("hr_resize_x", int),
+        hr_resize_y=get("hr_resize_y", int),
+        hr_prompt=get("hr_prompt", str),
+        hr_negative_prompt=get("hr_negative_prompt", str),
+    )
+    try:
+        if a1111 and hr_sampler is not None:
+            hr_sampler, named_schedule = a1111_sampler(hr_sampler)
+            hr_scheduler = hr_scheduler or named_schedule
+        if a1111 and hr_scheduler is not None and hr_scheduler.lower() != "automatic":
+            hr_scheduler = SCHEDULE_TYPES[schedule_type(hr_scheduler)].label
+        if fields["hr_upscaler"] is not None:
+            fields["hr_upscaler"] = upscaler_label(fields["hr_upscaler"])
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
+    return fields | {"hr_sampler_name": hr_sampler, "hr_scheduler": hr_scheduler}
 
 
 def _a1111_fields(body: dict[str, Any], get, settings: dict[str, Any], sampler_name: str, img2img: bool):

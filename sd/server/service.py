@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..hires import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
 from ..images import save_png
 from ..params import GenerationParams
 from ..pipeline import Pipeline, model_calls
@@ -33,8 +34,6 @@ from .preview import preview_base64
 
 log = logging.getLogger("sd")
 VAE_AUTOMATIC = ("Automatic", "None", "")
-LATENT_UPSCALE_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
-                        "Latent (nearest)", "Latent (nearest-exact)"]  # fmt: skip
 
 
 class Service:
@@ -99,7 +98,8 @@ class Service:
         pipe = self.pipe
 
         def progress(step) -> None:
-            job.step, job.steps, job.latents = step.index + 1, step.total, step.latents
+            # counted over the whole batch: a hires fix's second pass goes on from the first's count
+            job.step, job.latents = min(job.step + 1, job.steps), step.latents
             job.preview_id += 1
             if job.interrupted.is_set() or job.skipped.is_set():
                 raise JobInterruptedError(step.latents)
@@ -406,6 +406,14 @@ class Service:
             self.pipe.set_vae(None if vae in VAE_AUTOMATIC else vae)
         except (OSError, ValueError) as error:
             raise BadRequestError(str(error).splitlines()[0]) from None
+
+    def upscalers(self) -> list[dict[str, Any]]:
+        """A1111's upscalers that need no model file (the hires fix runs them); model ones are refused."""
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in IMAGE_UPSCALERS]  # fmt: skip
+
+    def latent_upscale_modes(self) -> list[dict[str, str]]:
+        return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
     def cmd_flags(self) -> dict[str, Any]:
         return {"api": True, "nowebui": False, **self.flags}
