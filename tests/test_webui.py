@@ -266,43 +266,40 @@ def test_token_count_is_a1111s() -> None:
     assert token_count(", ".join(["word"] * 40)) == (79, 150)
 
 
-JS_TYPES = ("text/javascript", "application/javascript")  # what a browser runs as a module
-
-
 def test_the_ui_routes() -> None:
-    """POST /sd/tokens and GET /sd/model, through FastAPI as the server mounts them."""
+    """POST /sd/tokens and GET /sd/model, through FastAPI as the server includes them."""
     fastapi = pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from sd import TINY
     from sd.pipeline import Pipeline
     from sd.testing import random_models
-    from sd.webui import STATIC_DIR, mount
+    from sd.webui import router
 
     pipe = Pipeline(random_models(TINY), model_name="tiny")
     app = fastapi.FastAPI()
-    mount(app, lambda: pipe)
+    app.include_router(router(lambda: pipe))
     client = TestClient(app)
     answer = client.post("/sd/tokens", json={"text": "a cat AND a dog, sitting", "steps": 20})
     assert answer.status_code == 200 and answer.json() == {"token_count": 4, "max_length": 75}
     assert client.post("/sd/tokens", json={"text": "x" * 200_000}).status_code == 422
     assert client.post("/sd/tokens", json={"text": "a", "steps": 0}).status_code == 422
     assert client.get("/sd/model").json() == {"native_size": pipe.native_size, "model_name": "tiny"}
-    # The page and every file it loads (relative URLs), as a browser fetches them; nothing from elsewhere.
-    page = client.get("/")
-    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    names = {path.name for path in STATIC_DIR.iterdir()} - {"index.html"}
-    for name in names:
-        answer = client.get(f"/{name}")
-        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-cache"
-        assert "http://" not in answer.text and "https://" not in answer.text, name
-    assert client.get("/app.js").headers["content-type"].split(";")[0] in JS_TYPES
-    loaded = set(re.findall(r'(?:src|href)="([\w.]+\.(?:js|css))"', page.text))
-    imported = {
-        i for name in names for i in re.findall(r'from "\./([\w.]+)"', (STATIC_DIR / name).read_text())
-    }
-    assert loaded | imported <= names and {"app.js", "style.css"} <= loaded
-    assert client.get("/nothing.js").status_code == 404
+
+
+def test_the_page_loads_only_its_own_files() -> None:
+    """index.html loads static/<file>, the modules import their siblings, and nothing comes from elsewhere
+    (no CDN: the page works on a machine without internet)."""
+    from sd.webui import INDEX_HTML, STATIC_DIR
+
+    names = {path.name for path in STATIC_DIR.iterdir()}
+    page = INDEX_HTML.read_text()
+    loaded = set(re.findall(r'(?:src|href)="static/([\w.]+)"', page))
+    sources = {name: (STATIC_DIR / name).read_text() for name in names}
+    imported = {i for text in sources.values() for i in re.findall(r'from "\./([\w.]+)"', text)}
+    assert {"app.js", "style.css"} <= loaded and loaded | imported <= names
+    for name, text in sources.items():
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text, name
 
 
 # --- the tests in the browser ------------------------------------------------------------------------------
@@ -422,7 +419,7 @@ def test_read_parameters_from_a_pasted_infotext(page: Any) -> None:
     infotext = (
         "a lighthouse, (oil painting:1.2)\nNegative prompt: blurry, lowres\n"
         'Steps: 33, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 77, Size: 128x96, Lora hashes: "ink: 01",'
-        " Version: v1.6.0, ENSD: 31337, Hires upscale: 2"
+        " Version: v1.6.0, ENSD: 31337, Hires upscale: 2, Face restoration: CodeFormer"
     )
     js(page, "const box = document.getElementById('prompt'); box.value = arguments[0];", infotext)
     element(page, "#read_parameters").click()
@@ -434,14 +431,15 @@ def test_read_parameters_from_a_pasted_infotext(page: Any) -> None:
         "height": "96",
     }  # fmt: skip
     assert "ENSD: 31337" in element(page, "#overrides").text
-    assert element(page, "#restore_note").text == "not restored: Hires upscale"
+    assert js(page, "return document.getElementById('enable_hr').checked") and value(page, "hr_scale") == "2"
+    assert element(page, "#restore_note").text == "not restored: Face restoration"
 
 
 def test_restore_reads_old_a1111_names(page: Any) -> None:
     """infotext.js's rules for PNGs of older A1111s, as sd.params.GenerationParams.from_text reads them."""
     script = """
         const done = arguments[arguments.length - 1];
-        import('./infotext.js').then(({settingsFrom}) => done(arguments[0].map(
+        import('./static/infotext.js').then(({settingsFrom}) => done(arguments[0].map(
             (p) => settingsFrom(p, {samplerNames: ['DPM++ 2M', 'Euler a'], scheduleLabels: ['Karras']}))));
     """
     cases = [
@@ -479,6 +477,45 @@ def test_img2img_with_an_uploaded_init_image(page: Any, tmp_path: Path) -> None:
     # A PNG dropped on the init-image box is the new input, not settings to restore.
     drop_file(page, init, "#init_zone")
     assert value(page, "prompt") == "a red square"
+
+
+def test_hires_fix(page: Any, tmp_path: Path) -> None:
+    """A second pass at twice the size; its PNG says so, and dropping it turns the hires fix back on."""
+    element(page, "#prompt").send_keys("a green triangle")
+    element(page, "#enable_hr").click()
+    assert element(page, "#hires_fields").is_displayed()
+    js(page, "const s = document.getElementById('hr_upscaler'); s.value = 'Lanczos';")
+    type_into(page, '[data-mirror="steps"]', "4")
+    type_into(page, '[data-mirror="hr_second_pass_steps"]', "3")
+    type_into(page, '[data-mirror="hr_denoising_strength"]', "0.45")
+    generate_and_watch(page)
+    image = png_of(js(page, "return document.getElementById('viewer').src"))
+    assert image.size == (128, 128)
+    for part in ("Size: 64x64", "Denoising strength: 0.45", "Hires upscale: 2", "Hires steps: 3",
+                 "Hires upscaler: Lanczos"):  # fmt: skip
+        assert part in image.info["parameters"], image.info["parameters"]
+    path = tmp_path / "hires.png"
+    image.save(path, pnginfo=_text_chunk(image.info["parameters"]))
+    page.refresh()
+    wait(page, lambda: js(page, "return document.getElementById('hr_upscaler').options.length") > 1)
+    drop_file(page, path)
+    wait(page, lambda: "restored" in element(page, "#status").text, timeout=30)
+    assert js(page, "return document.getElementById('enable_hr').checked")
+    hires = ("hr_upscaler", "hr_second_pass_steps", "hr_denoising_strength", "hr_scale", "width")
+    assert {f: value(page, f) for f in hires} == {
+        "hr_upscaler": "Lanczos", "hr_second_pass_steps": "3", "hr_denoising_strength": "0.45",
+        "hr_scale": "2", "width": "64",
+    }  # fmt: skip
+    element(page, '[data-tab="img2img"]').click()
+    assert not element(page, "#hires_panel").is_displayed()  # A1111's hires fix is txt2img's
+
+
+def _text_chunk(text: str) -> Any:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    return info
 
 
 def test_interrupt_stops_a_long_generation(page: Any) -> None:

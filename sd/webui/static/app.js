@@ -31,13 +31,18 @@ function status(text, error = false) {
 // --- what the server offers ----------------------------------------------------------------------------
 
 async function loadChoices() {
-  const [samplers, schedulers, models, options, model] = await Promise.all([
+  const [samplers, schedulers, models, options, model, latentModes, upscalers] = await Promise.all([
     getOr("/sdapi/v1/samplers", [{ name: "DPM++ 2M" }, { name: "Euler a" }]),
     getOr("/sdapi/v1/schedulers", [{ label: "Automatic" }, { label: "Karras" }]),
     getOr("/sdapi/v1/sd-models", []),
     getOr("/sdapi/v1/options", {}),
     getOr("/sd/model", null),
+    getOr("/sdapi/v1/latent-upscale-modes", [{ name: "Latent" }]),
+    getOr("/sdapi/v1/upscalers", []),
   ]);
+  // A1111's hires upscaler picker: the latent modes, then the image upscalers.
+  const upscalerNames = [...latentModes, ...upscalers].map((u) => u.name);
+  setOptions($("hr_upscaler"), upscalerNames, upscalerNames.includes("Latent") ? "Latent" : undefined);
   // Our diffusers-way samplers (listed with options.way) are not A1111's: the picker offers A1111's set.
   state.samplerNames = samplers.filter((s) => s.options?.way !== "diffusers").map((s) => s.name);
   state.scheduleLabels = schedulers.map((s) => s.label);
@@ -132,6 +137,7 @@ function showTab(tab) {
   for (const b of document.querySelectorAll("[data-tab]"))
     b.setAttribute("aria-selected", b.dataset.tab === tab);
   $("img2img_panel").hidden = tab !== "img2img";
+  $("hires_panel").hidden = tab !== "txt2img"; // A1111's hires fix is txt2img's
   document.body.dataset.tab = tab;
 }
 
@@ -143,6 +149,7 @@ function bindControls() {
     if (gallery.shown?.seed != null) setField("seed", gallery.shown.seed);
   });
   $("extra").addEventListener("change", () => ($("extra_panel").hidden = !$("extra").checked));
+  $("enable_hr").addEventListener("change", () => ($("hires_fields").hidden = !$("enable_hr").checked));
   $("swap_size").addEventListener("click", () => {
     const [w, h] = [getField("width"), getField("height")];
     setField("width", h);
@@ -252,6 +259,7 @@ function applySettings(parameters, source) {
   const restored = settingsFrom(parameters, state);
   for (const [name, value] of Object.entries(restored.fields)) setField(name, value);
   $("extra_panel").hidden = !restored.fields.extra;
+  $("hires_fields").hidden = !restored.fields.enable_hr;
   state.overrides = { ...restored.overrides };
   state.way = restored.way;
   const model = restored.model;

@@ -15,6 +15,11 @@ const NUMBERS = [
   "subseed_strength",
   "denoising_strength",
   "clip_skip",
+  "hr_second_pass_steps",
+  "hr_denoising_strength",
+  "hr_scale",
+  "hr_resize_x",
+  "hr_resize_y",
 ];
 
 export function bindMirrors() {
@@ -119,6 +124,17 @@ export function request({ img2img = false, initImage = null, overrides = {}, way
   if (img2img) {
     body.init_images = [initImage];
     body.denoising_strength = getField("denoising_strength");
+  } else if (getField("enable_hr")) {
+    // A1111's txt2img fields: the second pass's strength is the request's denoising_strength.
+    Object.assign(body, {
+      enable_hr: true,
+      hr_upscaler: getField("hr_upscaler"),
+      hr_second_pass_steps: getField("hr_second_pass_steps"),
+      denoising_strength: getField("hr_denoising_strength"),
+      hr_scale: getField("hr_scale"),
+      hr_resize_x: getField("hr_resize_x"),
+      hr_resize_y: getField("hr_resize_y"),
+    });
   }
   return body;
 }

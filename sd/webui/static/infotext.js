@@ -15,7 +15,14 @@ const FIELDS = {
   "Clip skip": ["clip_skip", Number],
   "Variation seed": ["subseed", Number],
   "Variation seed strength": ["subseed_strength", Number],
+  "Hires steps": ["hr_second_pass_steps", Number],
+  "Hires upscale": ["hr_scale", Number],
+  "Hires resize-1": ["hr_resize_x", Number],
+  "Hires resize-2": ["hr_resize_y", Number],
+  "Hires upscaler": ["hr_upscaler", String],
 };
+// Any of these means the image was made with the hires fix (A1111's txt2img paste turns it on).
+const HIRES = ["Hires upscale", "Hires resize-1", "Hires upscaler"];
 
 // infotext key -> [A1111 option name, type]
 export const OVERRIDES = {
@@ -58,6 +65,9 @@ const NO_EFFECT = new Set([
   "Seed resize from-1",
   "Seed resize from-2",
 ]);
+
+const HR_KEYS = ["hr_upscaler", "hr_second_pass_steps", "hr_scale", "hr_resize_x", "hr_resize_y"];
+const pick = (object, keys) => Object.fromEntries(keys.filter((k) => k in object).map((k) => [k, object[k]]));
 
 const convert = (type, text) => {
   if (type === Boolean) return String(text).toLowerCase() === "true";
@@ -111,6 +121,15 @@ export function settingsFrom(params, { samplerNames = [], scheduleLabels = [] } 
   Object.assign(fields, samplerAndSchedule(params, samplerNames, scheduleLabels));
   if (!("Negative prompt" in params) && "Prompt" in params) fields.negative_prompt = "";
   if (!("Clip skip" in params)) fields.clip_skip = 1; // A1111 writes it only when it is not 1
+  // With the hires fix, "Denoising strength" is its second pass's; the form has one for each tab.
+  fields.enable_hr = HIRES.some((key) => key in params);
+  if (fields.enable_hr) {
+    if ("denoising_strength" in fields) fields.hr_denoising_strength = fields.denoising_strength;
+    delete fields.denoising_strength;
+    Object.assign(fields, { hr_upscaler: "Latent", hr_second_pass_steps: 0, ...pick(fields, HR_KEYS) });
+    if (!("Hires upscale" in params)) fields.hr_scale ??= 2;
+    if (!("Hires resize-1" in params)) Object.assign(fields, { hr_resize_x: 0, hr_resize_y: 0 });
+  }
   fields.extra = Boolean(fields.subseed_strength);
   if (!fields.extra) Object.assign(fields, { subseed: -1, subseed_strength: 0 });
   return {
