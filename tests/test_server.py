@@ -576,3 +576,99 @@ def test_sd_serve_end_to_end_with_the_built_in_model(tmp_path):
             pytest.fail("sd serve did not stop on SIGINT; its stderr and threads:\n" + "".join(lines))
         reader.join(timeout=10)
     assert process.returncode == 0 and "sd serve: stopped" in "".join(lines), lines
+
+
+def _serve_folders(tmp_path):
+    """A server over a models folder in A1111's layout: two checkpoints, a VAE, a LoRA."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sd.checkpoints import model_hash
+    from sd.testing import ldm_state_dict
+    from sd.weights import load_models, save_checkpoint
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "VAE").mkdir()
+    (models / "Lora").mkdir()
+    first, second = (models / "Stable-diffusion" / f"{n}.safetensors" for n in ("one", "two"))
+    save_checkpoint(random_models(TINY, seed=1), first, TINY)
+    save_checkpoint(random_models(TINY, seed=2), second, TINY)
+    state = ldm_state_dict(random_models(TINY, seed=3))
+    vae = {
+        k.removeprefix("first_stage_model."): v
+        for k, v in state.items()
+        if k.startswith("first_stage_model.")
+    }
+    save_file(vae, str(models / "VAE" / "mse.safetensors"))
+    lora = {"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}
+    save_file(
+        lora, str(models / "Lora" / "ink_v2.safetensors"), {"ss_output_name": "ink", "ss_network_dim": "4"}
+    )
+
+    def loader(path):
+        return Pipeline(load_models(path), model_name=path.stem, model_hash=model_hash(path))
+
+    pipe = loader(first)
+    pipe.lora_dir = models / "Lora"
+    pipe.vae_dir = models / "VAE"
+    server = make_server(Service(pipe, models_dir=models, checkpoint=first, loader=loader), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", models
+
+
+def test_checkpoints_vaes_and_loras_from_the_models_folder(tmp_path):
+    server, url, models = _serve_folders(tmp_path)
+    try:
+        listed = call(url, "/sdapi/v1/sd-models")[1]
+        assert [m["model_name"] for m in listed] == ["one", "two"]
+        assert listed[0]["title"].startswith("one.safetensors [") and listed[0]["sha256"]
+        request = {"prompt": "a cat", "seed": 3, "steps": 2, "sampler_name": "Euler", **SIZE}
+        one = images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0]
+        # for one request, then back (override_settings_restore_afterwards, A1111's default)
+        answer = call(
+            url, "/sdapi/v1/txt2img", {**request, "override_settings": {"sd_model_checkpoint": "two"}}
+        )[1]
+        two = images_of(answer)[0]
+        assert "Model: two" in two.info["parameters"] and not same_pixels(two, np.asarray(one))
+        assert call(url, "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("one.safetensors")
+        # for good: POST /options
+        assert call(url, "/sdapi/v1/options", {"sd_model_checkpoint": "two.safetensors"})[0] == 200
+        assert call(url, "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("two.safetensors")
+        assert same_pixels(images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0], np.asarray(two))
+        assert [m["model_name"] for m in call(url, "/sdapi/v1/sd-models")[1]] == ["two", "one"]
+        # the VAE: listed, swapped in by name, and back
+        assert call(url, "/sdapi/v1/sd-vae")[1] == [
+            {"model_name": "mse.safetensors", "filename": str(models / "VAE" / "mse.safetensors")}
+        ]
+        assert call(url, "/sdapi/v1/options", {"sd_vae": "mse.safetensors"})[0] == 200
+        assert call(url, "/sdapi/v1/options")[1]["sd_vae"] == "mse.safetensors"
+        swapped = images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0]
+        assert "VAE: mse.safetensors" in swapped.info["parameters"] and not same_pixels(
+            swapped, np.asarray(two)
+        )
+        assert call(url, "/sdapi/v1/options", {"sd_vae": "Automatic"})[0] == 200
+        assert same_pixels(images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0], np.asarray(two))
+        status, answer = call(url, "/sdapi/v1/options", {"sd_vae": "none-such.pt"})
+        assert status == 400 and "none-such.pt" in answer["detail"]
+        # LoRAs as A1111's Lora extension lists them
+        (lora,) = call(url, "/sdapi/v1/loras")[1]
+        assert (lora["name"], lora["alias"], lora["metadata"]["ss_network_dim"]) == ("ink_v2", "ink", "4")
+        assert lora["path"] == str(models / "Lora" / "ink_v2.safetensors")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hires_fix_through_the_server(served):
+    url, pipe = served
+    request = {"prompt": "a boat", "seed": 4, "steps": 2, "sampler_name": "Euler", "enable_hr": True,
+               "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 2,
+               **SIZE}  # fmt: skip
+    status, answer = call(url, "/sdapi/v1/txt2img", request)
+    assert status == 200, answer
+    expected = a1111(pipe, "a boat", steps=2, seed=4, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                     strength=0.6, hr_second_pass_steps=2)[0]  # fmt: skip
+    got = images_of(answer)[0]
+    assert got.size == (96, 96) and same_pixels(got, expected)
+    assert json.loads(answer["info"])["ignored_fields"] == []

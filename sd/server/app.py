@@ -189,6 +189,12 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
         return FileResponse(page) if page.is_file() else HTMLResponse(MISSING_UI)
 
     app.mount("/static", StaticFiles(directory=static_dir, check_dir=False), name="static")
+    try:  # the page's own routes (/sd/tokens, /sd/model): sd.webui, where it is installed
+        from ..webui import router as webui_router
+    except ImportError:
+        webui_router = None
+    if webui_router is not None:
+        app.include_router(webui_router(lambda: service.pipe))
 
     # --- generation -----------------------------------------------------------------------------------
 
