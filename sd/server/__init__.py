@@ -71,7 +71,8 @@ class Server:
             raise RuntimeError("Server.service must be set before serve_forever()")
         app = make_app(self.service, **self.app_options)
         config = uvicorn.Config(app.state.asgi, log_level=self.log_level, backlog=BACKLOG,
-                                timeout_graceful_shutdown=3, lifespan="off")  # fmt: skip
+                                timeout_graceful_shutdown=3, lifespan="off",
+                                access_log=False)  # fmt: skip
         self._uvicorn = uvicorn.Server(config)
         try:
             self._uvicorn.run(sockets=[self.socket])

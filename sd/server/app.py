@@ -14,6 +14,7 @@ import base64
 import binascii
 import logging
 import secrets
+import sys
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,9 @@ MISSING_UI = """<!doctype html><html><head><meta charset="utf-8"><title>sd</titl
 The A1111-style API is at <a href="/docs">/docs</a>.</p></body></html>"""
 
 
-def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, detail: str, headers: dict[str, str] | None = None, request: Request | None = None):
+    if request is not None:  # the one access line worth printing (successful polls would drown it)
+        print(f"{request.method} {request.url.path}: {status} {detail}", file=sys.stderr)
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
     return JSONResponse({"error": phrase, "detail": detail}, status_code=status, headers=headers)
 
@@ -166,15 +169,15 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
             detail = f"no route {request.method} {request.url.path}; /docs lists them"
         elif error.status_code == 405:
             detail = f"{request.method} is not how {request.url.path} is used; /docs says how"
-        return _error(error.status_code, str(detail), getattr(error, "headers", None))
+        return _error(error.status_code, str(detail), getattr(error, "headers", None), request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _error(422, _validation_detail(error))
+        return _error(422, _validation_detail(error), request=request)
 
     @app.exception_handler(BadRequestError)
     async def bad_request(request: Request, error: BadRequestError) -> JSONResponse:
-        return _error(error.status, str(error))
+        return _error(error.status, str(error), request=request)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:
