@@ -672,3 +672,22 @@ def test_hires_fix_through_the_server(served):
     got = images_of(answer)[0]
     assert got.size == (96, 96) and same_pixels(got, expected)
     assert json.loads(answer["info"])["ignored_fields"] == []
+
+
+def test_a1111_request_details(served):
+    """send_images, styles, sampler_index alone, steps null, and infotext filling the fields not given."""
+    url, pipe = served
+    base = {"prompt": "a kite", "seed": 8, "steps": 2, **SIZE}
+    status, answer = call(url, "/sdapi/v1/txt2img", {**base, "send_images": False, "styles": ["mine"]})
+    info = json.loads(answer["info"])
+    assert status == 200 and answer["images"] == [] and info["all_seeds"] == [8]
+    assert info["ignored_fields"] == ["send_images", "styles"]
+    by_index = call(url, "/sdapi/v1/txt2img", {**base, "sampler_index": "Euler a"})[1]
+    assert same_pixels(images_of(by_index)[0], a1111(pipe, "a kite", steps=2, seed=8, sampler="Euler a")[0])
+    status, answer = call(url, "/sdapi/v1/txt2img", {**base, "steps": None, "sampler_name": "DDIM"})
+    assert status == 200 and "Steps: 50," in images_of(answer)[0].info["parameters"]  # A1111's default
+    text = images_of(by_index)[0].info["parameters"]
+    status, again = call(url, "/sdapi/v1/txt2img", {"infotext": text, "steps": 3})  # steps given: 3 wins
+    assert status == 200, again
+    expected = a1111(pipe, "a kite", steps=3, seed=8, sampler="Euler a")[0]
+    assert same_pixels(images_of(again)[0], expected)

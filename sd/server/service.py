@@ -59,7 +59,6 @@ class Service:
         self.flags = flags or {}
         self.options: dict[str, Any] = {}  # A1111 options set by POST /options (defaults elsewhere)
         self.queue = JobQueue()
-        self.last: Job | None = None  # the latest job that ran (its final progress)
 
     def close(self) -> None:
         self.queue.close()
@@ -74,7 +73,6 @@ class Service:
         return self.queue.submit(job)
 
     def _generate(self, job: Job, request: Request) -> dict[str, Any]:
-        self.last = job
         job.batches = request.n_iter
         job.steps = model_calls(request.params, self.pipe.config.schedule)
         restore = self.checkpoint, self._vae_name()
