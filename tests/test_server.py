@@ -261,6 +261,11 @@ def test_routes_and_unknown_paths(served):
         url + "/", timeout=30
     ) as answer:  # the web UI (or a page saying it is missing)
         assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/html")
+    with urllib.request.urlopen(url + "/docs", timeout=30) as answer:  # its files from here, not a CDN
+        page = answer.read().decode()
+    assert "/docs-files/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    with urllib.request.urlopen(url + "/docs-files/swagger-ui-bundle.js", timeout=30) as answer:
+        assert answer.status == 200
     status, schema = call(url, "/openapi.json")
     assert status == 200 and {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options"} <= set(
         schema["paths"]

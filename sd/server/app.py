@@ -160,7 +160,8 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
              max_body: int = MAX_BODY_BYTES, static_dir: Path = STATIC_DIR) -> FastAPI:  # fmt: skip
     """The ASGI application over `service` (see the module docstring for the guards)."""
     app = FastAPI(title="sd", description="Stable Diffusion 1.x, served with AUTOMATIC1111's API",
-                  version="1.10.1-sd")  # fmt: skip
+                  version="1.10.1-sd", docs_url=None)  # fmt: skip
+    _docs(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -323,3 +324,24 @@ def _listing(function):
 
 async def _nothing() -> None:
     return None
+
+
+def _docs(app: FastAPI) -> None:
+    """/docs with Swagger UI's files from the swagger-ui-bundle package: FastAPI's default page loads them
+    from a CDN, which a machine without the internet cannot reach (a blank page)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+    urls: dict[str, str] = {}
+    if swagger_ui_path is not None:
+        app.mount("/docs-files", StaticFiles(directory=swagger_ui_path), name="docs-files")
+        urls = {"swagger_js_url": "/docs-files/swagger-ui-bundle.js",
+                "swagger_css_url": "/docs-files/swagger-ui.css",
+                "swagger_favicon_url": "/docs-files/favicon-32x32.png"}  # fmt: skip
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="sd: API", **urls)
