@@ -776,8 +776,8 @@ the others wait in line (first come, first served); bad requests get a 4xx statu
         epilog="""examples:
   sd serve                                  # http://127.0.0.1:7860, this machine only
   sd serve --ckpt v1-5-pruned-emaonly.safetensors --dtype bf16
-  curl -s localhost:7860/sdapi/v1/txt2img -d '{"prompt": "a red circle", "seed": 1}' > answer.json
-  (answer.json: {"images": [base64 PNG, ...], "parameters": {...}, "info": "<JSON: seeds, ...>"})""",
+  curl -s localhost:7860/sdapi/v1/txt2img -d '{"prompt": "a red circle", "seed": 1, "steps": 20}' >a.json
+  (a.json: {"images": [base64 PNG, ...], "parameters": {...}, "info": "<JSON: seeds, ...>"})""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument(
