@@ -118,14 +118,22 @@ class JobQueue:
                     return
                 job = self._waiting.popleft()
                 self.current = job
-            if job.future.set_running_or_notify_cancel():
-                job.started = time.monotonic()
-                try:
-                    job.future.set_result(job.run(job))
-                except BaseException as error:  # handed to the waiting request, never lost
-                    job.future.set_exception(error)
-            with self._lock:
+            if not job.future.set_running_or_notify_cancel():
+                with self._lock:
+                    self.current = None
+                continue
+            job.started = time.monotonic()
+            result, error = None, None
+            try:
+                result = job.run(job)
+            except BaseException as raised:  # handed to the waiting request, never lost
+                error = raised
+            with self._lock:  # done in the queue's books before the client hears it
                 self.current = None
                 self.finished[job.id_task] = time.time()
                 while len(self.finished) > 1000:  # bounded memory of old ids
                     self.finished.pop(next(iter(self.finished)))
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(result)
