@@ -60,7 +60,7 @@ class Row:
 
     key: str  # what --rows takes
     title: str
-    kind: str  # unet | decode | encode | text | txt2img | cold | big-decode
+    kind: str  # unet | decode | encode | text | txt2img | cold | big-decode | hires
     size: int = 0  # image side in pixels
     quick: bool = True  # part of --quick
     fresh: bool = False  # measured in a fresh process per run (time and peak RSS)
@@ -81,6 +81,17 @@ ROWS = (
     # 1024²), diffusers with vae.enable_tiling() above 1024² (untiled, it needs ~4x our peak at 2048²).
     Row("decode1024", "VAE decode → 1024² (own default)", "big-decode", 1024, quick=False, fresh=True),
     Row("decode2048", "VAE decode → 2048² (tiled)", "big-decode", 2048, quick=False, fresh=True),
+    # The hires fix, 512² -> 1024² (Latent, strength 0.5, 20 hires steps: 10 run in diffusers' way). Diffusers
+    # has none: its row is its txt2img at 512² (latents out) + F.interpolate + its img2img at 1024², the
+    # composition our diffusers way equals (tests/test_hires.py). Peak RSS: to set beside decode1024's.
+    Row(
+        "hires1024",
+        f"hires fix 512² → 1024², {STEPS} + 10 steps DPM++ 2M",
+        "hires",
+        512,
+        quick=False,
+        fresh=True,
+    ),
 )
 MODULE_KINDS = ("unet", "decode", "encode", "text")
 
@@ -500,11 +511,11 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
         bench.release()
     for row in rows:
         precisions = list(dict.fromkeys(m.precision for m in sides))[: 1 if args.quick else None]
-        rounds = 1 if (args.quick or row.kind in ("txt2img", "big-decode")) else args.cold_repeats
+        rounds = 1 if (args.quick or row.kind in ("txt2img", "big-decode", "hires")) else args.cold_repeats
         for precision in precisions:
             log(f"{row.key} ({precision}, fresh process per run)")
             contenders = [m for m in sides if m.precision == precision]
-            if row.kind == "big-decode":  # the OpenVINO backend decodes whole images only
+            if row.kind in ("big-decode", "hires"):  # the OpenVINO backend: whole images at compiled sizes
                 contenders = [m for m in contenders if m.worker != "ours-openvino"]
             measured = {m.name: Result(row.key, m.name, m.family, precision) for m in contenders}
             for _ in range(rounds):
@@ -524,7 +535,7 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
                         "threads": torch.get_num_threads(),
                         "openvino_cache": str(bench.workdir / OPENVINO_CACHE),
                     }
-                    timed = {"txt2img": "image", "big-decode": "decode"}.get(row.kind)
+                    timed = {"txt2img": "image", "big-decode": "decode", "hires": "image"}.get(row.kind)
                     fresh_run(task, measured[mode.name], timed)
             results += measured.values()
     return results

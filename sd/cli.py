@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -112,6 +113,13 @@ def resolve_params(args: argparse.Namespace):
         strength = args.strength if args.strength is not None else (base.strength or default)
     elif args.strength is not None:
         raise ValueError("--strength needs --init-image")
+    hires = hires_options(args, base)
+    if hires.get("enable_hr") and args.init_image:
+        if args.hires is not None:
+            raise ValueError("--hires is for txt2img; it cannot go with --init-image")
+        hires = {"enable_hr": False}  # a hires PNG's settings for img2img: A1111's img2img has no hires pass
+    elif hires.get("enable_hr"):
+        strength = hires.pop("strength")
     seed = args.seed if args.seed is not None else (base.seed if args.from_png else new_seed())
     variation_strength = base.subseed_strength if args.variation_strength is None else args.variation_strength
     params = replace(
@@ -136,6 +144,7 @@ def resolve_params(args: argparse.Namespace):
         ensd=pick("ensd", "ensd"),
         subseed=args.variation_seed if args.variation_seed is not None else base.subseed,
         subseed_strength=variation_strength,
+        **hires,
     )
     params = replace(params, inpaint=inpaint_settings(args, base.inpaint))
     if params.a1111:
@@ -145,6 +154,11 @@ def resolve_params(args: argparse.Namespace):
         params = replace(params, sampler=label, schedule=schedule, karras=False)
         if args.eta is not None:
             params = replace(params, eta=args.eta)
+        if params.hr_sampler_name is not None:  # as the first pass's: A1111's names, or ours
+            label, named_schedule = a1111_sampler(params.hr_sampler_name)
+            params = replace(
+                params, hr_sampler_name=label, hr_scheduler=params.hr_scheduler or named_schedule
+            )
         check_source(params.rng)
     return params
 
@@ -185,6 +199,49 @@ def parse_outpaint(text: str) -> tuple[int, int, int, int]:
         for side in sides if name == "all" else (name,):
             sides[side] = int(value)
     return sides["left"], sides["right"], sides["top"], sides["bottom"]
+
+
+HIRES_FLAGS = ("hires_steps", "hires_strength", "hires_upscaler", "hires_sampler", "hires_scheduler",
+               "hires_prompt", "hires_negative")  # fmt: skip
+HIRES_STRENGTH = 0.7  # A1111's UI default (its API's: 0.75, as Pipeline.txt2img)
+
+
+def hires_options(args: argparse.Namespace, base) -> dict:
+    """The GenerationParams hires fields from --hires (SCALE or WxH) and --hires-*, over a PNG's; {} when
+    the hires fix is off. ValueError (one line) for a --hires-* flag without it or a bad --hires."""
+    given = [flag for flag in HIRES_FLAGS if getattr(args, flag) is not None]
+    if args.hires is None and not (args.from_png and base.enable_hr):
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --hires SCALE or --hires WxH")
+        return {}
+    out: dict = {"enable_hr": True}
+    if args.hires is not None:
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", args.hires)
+        if match:
+            out.update(hr_resize_x=int(match.group(1)), hr_resize_y=int(match.group(2)))
+        else:
+            try:
+                out.update(hr_scale=float(args.hires), hr_resize_x=0, hr_resize_y=0)
+            except ValueError:
+                raise ValueError(
+                    f"--hires takes a scale (2, 1.5) or a size (1024x768), got {args.hires!r}"
+                ) from None
+    from_png = args.from_png and base.enable_hr
+    fields = {
+        "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler",
+        "hires_sampler": "hr_sampler_name", "hires_scheduler": "hr_scheduler", "hires_prompt": "hr_prompt",
+        "hires_negative": "hr_negative_prompt",
+    }  # fmt: skip
+    for flag, field in fields.items():
+        if getattr(args, flag) is not None:
+            out[field] = getattr(args, flag)
+    default = base.strength if from_png and base.strength is not None else HIRES_STRENGTH
+    out["strength"] = args.hires_strength if args.hires_strength is not None else default
+    if args.hires_upscaler is not None:
+        from .hires import upscaler_label
+
+        out["hr_upscaler"] = upscaler_label(args.hires_upscaler)
+    return out
 
 
 def output_paths(out: str | None, count: int, seed: int) -> list[Path]:
@@ -234,6 +291,37 @@ def lora_dir(args: argparse.Namespace) -> Path | None:
 
     default = default_model_dir() / "Lora"
     return _given_folder(args.lora_dir, "--lora-dir", "LoRA", default if default.is_dir() else None)
+
+
+def vae_dir(args: argparse.Namespace) -> Path | None:
+    """--vae-dir, else <models folder>/VAE when it exists (A1111's layout)."""
+    from .checkpoints import default_model_dir
+
+    default = default_model_dir() / "VAE"
+    return _given_folder(args.vae_dir, "--vae-dir", "VAE", default if default.is_dir() else None)
+
+
+def vae_option(args: argparse.Namespace, from_png: str | None = None) -> Path | None:
+    """The VAE file --vae names (a path, or a name in the VAE folder), else the one a PNG's `VAE` names
+    when it is in the VAE folder (warned about when not); FileNotFoundError before any model is loaded."""
+    from .vae_swap import VAE_AUTOMATIC, VAE_NONE, find_vae
+
+    folder = vae_dir(args)
+    name = getattr(args, "vae", None)
+    if name is None or name in (VAE_AUTOMATIC, VAE_NONE):
+        if name is None and from_png:
+            path = find_vae(folder, from_png)
+            if path is None:
+                print(f"warning: the PNG was made with the VAE {from_png}, which is not in "
+                      f"{folder or 'the VAE folder (--vae-dir)'}; using the checkpoint's own",
+                      file=sys.stderr)  # fmt: skip
+            return path
+        return None
+    path = find_vae(folder, name)
+    if path is None:
+        where = f" or in {folder}" if folder is not None else ""
+        raise FileNotFoundError(f"VAE file not found: {name}{where} (from --vae)")
+    return path
 
 
 def _number(text: str) -> float | None:
@@ -304,6 +392,12 @@ def load_pipeline(args: argparse.Namespace):
     if len(pipe.embeddings):
         print(f"embeddings: {', '.join(pipe.embeddings.by_name)}", file=sys.stderr)
     pipe.lora_dir = loras
+    pipe.vae_dir = vae_dir(args)
+    if getattr(args, "lora_mode", "merged") == "unmerged":
+        pipe.set_loras([], merge=False)  # prompt tags too are kept out of the weights from now on
+    vae = vae_option(args)
+    if vae is not None:
+        pipe.set_vae(vae)
     pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
     return pipe
 
@@ -313,7 +407,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .config import SD15
     from .images import load_image, save_png
-    from .pipeline import check_settings, check_size, model_calls
+    from .pipeline import check_hires_settings, check_settings, check_size, model_calls
     from .prompts import check_prompt
 
     params = resolve_params(args)
@@ -330,6 +424,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             height=params.height or image.height - image.height % 8,
         )
     check_size(params.width, params.height)
+    if params.enable_hr:
+        check_hires_settings(params)
     check_settings(params.steps, params.cfg_scale, params.strength)
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
@@ -345,9 +441,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # --from-png of one image of a batch: re-run the batch (one shared generator), keep that image.
     keep = [params.batch_pos] if replay_batch and args.num is None and num > 1 else None
     loras = lora_options(args)
+    vae = vae_option(args, params.vae if args.from_png else None)
     pipe = load_pipeline(args)
+    if vae is not None:
+        pipe.set_vae(vae)
     if loras:
-        pipe.set_loras(loras)
+        pipe.set_loras(loras, merge=args.lora_mode == "merged")
     if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
         print(f"warning: the PNG was made with model hash {params.model_hash}; this checkpoint's is "
               f"{pipe.model_hash}, so the image will differ", file=sys.stderr)  # fmt: skip
@@ -449,7 +548,7 @@ def cmd_prompt(args: argparse.Namespace) -> int:
         if tag.kind == "lora":
             te, unet = lora_multipliers(tag)
             print(f"tag {tag.text}: LoRA {tag.name!r}, text encoder {te:g}, U-Net {unet:g}; taken out of the "
-                  "prompt (LoRA files are not applied yet)")  # fmt: skip
+                  "prompt, the file (from --lora-dir) merged")  # fmt: skip
         else:
             print(f"tag {tag.text}: {tag.kind} networks are not supported; taken out of the prompt, ignored")
     if folder is not None:
@@ -462,17 +561,36 @@ def cmd_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import LOCAL_HOSTS, Service, make_server
+    from copy import copy
 
-    server = make_server(None, args.host, args.port)  # a taken port fails before the model loads
-    try:
-        server.service = Service(load_pipeline(args), args.way)
+    from .checkpoints import BUILTIN_MODEL, default_model_dir, find_checkpoint
+    from .server import LOCAL_HOSTS, Service, make_server, parse_api_auth
+
+    auth = parse_api_auth(args.api_auth) if args.api_auth else None
+    origins = (
+        [o.strip() for o in args.cors_allow_origins.split(",") if o.strip()]
+        if args.cors_allow_origins
+        else None
+    )
+    server = make_server(None, args.host, args.port, auth=auth, cors_origins=origins,
+                         cors_regex=args.cors_allow_origins_regex, log_level="info")  # fmt: skip
+    try:  # a taken port fails above, before the model loads
+        checkpoint = find_checkpoint(args.ckpt) or BUILTIN_MODEL
+
+        def loader(path):  # sd_model_checkpoint: another file, with the same --device, --dtype, ...
+            again = copy(args)
+            again.ckpt = str(path)
+            return load_pipeline(again)
+
+        flags = {k: v for k, v in vars(args).items() if k != "run"} | {"api_auth": None}  # no secrets out
+        server.service = Service(load_pipeline(args), args.way, models_dir=default_model_dir(),
+                                 checkpoint=checkpoint, loader=loader, flags=flags)  # fmt: skip
         host, port = server.server_address[:2]
-        if args.host not in LOCAL_HOSTS:
-            print(f"warning: listening on {args.host}: anyone who can reach port {port} can use the model",
-                  file=sys.stderr)  # fmt: skip
-        print(f"serving at http://{host}:{port}/ (A1111-style API under /sdapi/v1; Ctrl-C stops)",
-              file=sys.stderr)  # fmt: skip
+        if args.host not in LOCAL_HOSTS and not auth:
+            print(f"warning: listening on {args.host}: anyone who can reach port {port} can use the model "
+                  "(--api-auth user:password to ask for one)", file=sys.stderr)  # fmt: skip
+        print(f"serving at http://{host}:{port}/ (web UI; A1111's API under /sdapi/v1, its pages at /docs; "
+              "Ctrl-C stops)", file=sys.stderr)  # fmt: skip
         server.serve_forever()
     except KeyboardInterrupt:
         print("sd serve: stopped", file=sys.stderr)
@@ -526,6 +644,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="LoRA files, named by <lora:NAME:WEIGHT> tags in prompts (default: the 'Lora' folder of the "
         "model folder, when it exists)",
+    )
+    group.add_argument(
+        "--lora-mode",
+        choices=("merged", "unmerged"),
+        default="merged",
+        help="merged (default, fastest): LoRA deltas written into the weights, originals restored after; "
+        "unmerged: weights left untouched, the deltas added as the weights are read (torch backend)",
+    )
+    group.add_argument(
+        "--vae",
+        metavar="FILE",
+        help="decode (and encode) with this VAE file instead of the checkpoint's, e.g. "
+        "vae-ft-mse-840000-ema-pruned.safetensors: a path or a name in --vae-dir; original or diffusers "
+        "layout ('None': the checkpoint's own)",
+    )
+    group.add_argument(
+        "--vae-dir",
+        metavar="DIR",
+        help="VAE files for --vae and for PNGs that name one (default: the 'VAE' folder of the model "
+        "folder, when it exists)",
     )
     group.add_argument(
         "--backend",
@@ -666,6 +804,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a LoRA / LyCORIS file at strength W (default 1), or FILE:TE:UNET for the text encoder "
         "and U-Net apart; FILE may be a name in --lora-dir; repeatable (prompt tags <lora:NAME:W> add more)",
     )
+    hires = gen.add_argument_group("hires fix (A1111's: txt2img, upscaled, then repainted at the large size)")
+    hires.add_argument(
+        "--hires",
+        metavar="SCALE|WxH",
+        help="upscale by SCALE (2, 1.5) or to WxH (0 for one side: from the aspect)",
+    )
+    hires.add_argument(
+        "--hires-steps", type=int, metavar="N", help="second-pass steps (default 0: as --steps)"
+    )
+    hires.add_argument(
+        "--hires-strength",
+        type=float,
+        metavar="F",
+        help=f"its denoising strength, in (0, 1] (default {HIRES_STRENGTH})",
+    )
+    hires.add_argument(
+        "--hires-upscaler", metavar="NAME",
+        help="Latent (default), 'Latent (antialiased)', 'Latent (bicubic)', 'Latent (bicubic antialiased)', "
+        "'Latent (nearest)', 'Latent (nearest-exact)', Lanczos, Nearest, None (any case)",
+    )  # fmt: skip
+    hires.add_argument("--hires-sampler", metavar="NAME", help="second-pass sampler (default: --sampler's)")
+    hires.add_argument("--hires-scheduler", metavar="NAME", help="its schedule type (default: --scheduler's)")
+    hires.add_argument("--hires-prompt", metavar="TEXT", help="second-pass prompt (default: the prompt)")
+    hires.add_argument(
+        "--hires-negative", metavar="TEXT", help="second-pass negative prompt (default: --negative)"
+    )
     gen.add_argument("--from-png", metavar="FILE", help="take the settings from a PNG made by sd (or A1111)")
     gen.add_argument("-o", "--output", metavar="OUT", help="FILE.png or folder (default ./outputs/)")
     add_model_options(gen)
@@ -683,21 +847,24 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve the model over HTTP (an AUTOMATIC1111-style API)",
         description="""Load the model once and answer HTTP requests, in the shape of AUTOMATIC1111's API:
-  POST /sdapi/v1/txt2img   JSON with A1111's fields: prompt, negative_prompt, seed (-1: random), steps,
-                           cfg_scale, sampler_name ("DPM++ 2M", "Euler a", ... or ours), scheduler
+  GET  /                   a web UI;  /docs: every route and field of the API
+  POST /sdapi/v1/txt2img   JSON with A1111's fields and defaults: prompt, negative_prompt, seed (-1: random),
+                           steps, cfg_scale, sampler_name ("DPM++ 2M", "Euler a", ... or ours), scheduler
                            ("Karras", ...), width, height, batch_size, n_iter, subseed, subseed_strength,
-                           seed_resize_from_w/h, eta, clip_skip, override_settings (A1111's option names)
+                           seed_resize_from_w/h, eta, override_settings (A1111's option names),
+                           and the hires fix: enable_hr, hr_scale, hr_upscaler, hr_second_pass_steps,
+                           denoising_strength, hr_resize_x/y, hr_sampler_name, hr_scheduler, hr_prompt, ...
   POST /sdapi/v1/img2img   the same, plus init_images (one base64 image) and denoising_strength
-  GET  /sdapi/v1/progress  how far the running job is;  POST /sdapi/v1/interrupt stops it
-  GET  /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/sd-models, /sdapi/v1/options
+  GET  /sdapi/v1/progress  the running job and the queue;  POST /sdapi/v1/interrupt stops it
+  GET|POST /sdapi/v1/options, GET /sdapi/v1/samplers, /schedulers, /sd-models, /sd-vae, /loras, ...
 Images are made A1111's way (its samplers, noise and pixels) unless --way diffusers or a request's
-"way" says otherwise. Answers hold base64 PNGs with their parameters inside. One job runs at a time;
-bad requests get status 400 and a one-line "detail".""",
+"way" says otherwise. Answers hold base64 PNGs with their parameters inside. One job runs at a time,
+the others wait in line (first come, first served); bad requests get a 4xx status and a one-line "detail".""",
         epilog="""examples:
   sd serve                                  # http://127.0.0.1:7860, this machine only
   sd serve --ckpt v1-5-pruned-emaonly.safetensors --dtype bf16
-  curl -s localhost:7860/sdapi/v1/txt2img -d '{"prompt": "a red circle", "seed": 1}' > answer.json
-  (answer.json: {"images": [base64 PNG, ...], "parameters": {...}, "info": "<JSON: seeds, ...>"})""",
+  curl -s localhost:7860/sdapi/v1/txt2img -d '{"prompt": "a red circle", "seed": 1, "steps": 20}' >a.json
+  (a.json: {"images": [base64 PNG, ...], "parameters": {...}, "info": "<JSON: seeds, ...>"})""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument(
@@ -714,6 +881,19 @@ bad requests get status 400 and a one-line "detail".""",
         default="a1111",
         help='how images are made unless a request says (its "way" field): a1111, as AUTOMATIC1111 makes '
         "them (its samplers, schedules, noise and pixels), or diffusers (default a1111)",
+    )
+    serve.add_argument(
+        "--api-auth",
+        metavar="USER:PASS[,USER2:PASS2]",
+        help="ask every request for HTTP Basic credentials (A1111's flag); advised with --host 0.0.0.0",
+    )
+    serve.add_argument(
+        "--cors-allow-origins",
+        metavar="ORIGINS",
+        help="comma-separated origins whose web pages may call the API (default: none, CORS off)",
+    )
+    serve.add_argument(
+        "--cors-allow-origins-regex", metavar="REGEX", help="the same, as a regular expression"
     )
     add_model_options(serve)
     serve.set_defaults(run=cmd_serve)

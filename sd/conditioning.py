@@ -264,16 +264,20 @@ class Conditioning:
 
 def condition(
     encoder: PromptEncoder, prompt: str, negative_prompt: str, total_steps: int, pad_conds: bool = False,
-    old_scheduling: bool = False,
+    old_scheduling: bool = False, hires_steps: int | None = None,
 ) -> Conditioning:  # fmt: skip
     """The conditioning of a run of `total_steps` schedule steps (A1111's steps, doubled for second-order
-    samplers; `old_scheduling`: prompt-editing steps as A1111 counted them before v1.6). `prompt` has its
+    samplers; `old_scheduling`: prompt-editing steps as A1111 counted them before v1.6; `hires_steps`: a
+    hires pass of that many, after a first pass of `total_steps`, see prompt_schedule). `prompt` has its
     <lora:...> tags already taken out; the negative prompt is not split on AND. The text encoder runs once,
     over every distinct text."""
     parts = split_and(prompt)
     texts = [negative_prompt] + [text for text, _ in parts]
     distinct = list(dict.fromkeys(texts))
-    schedules = {text: prompt_schedule(text, total_steps, old_scheduling=old_scheduling) for text in distinct}
+    schedules = {
+        text: prompt_schedule(text, total_steps, hires_steps=hires_steps, old_scheduling=old_scheduling)
+        for text in distinct
+    }
     groups = [[variant for _, variant in schedules[text]] for text in distinct]
     if pad_conds:
         groups.append([""])

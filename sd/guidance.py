@@ -39,18 +39,28 @@ def pad_with_empty(context: torch.Tensor, length: int, empty: torch.Tensor) -> t
 class Guidance:
     """The guided model of one run: call it as model(x, t) once per model call.
 
-    `a1111`: A1111's CFG denoiser instead of diffusers' rule: guidance at every scale (no CFG-1 shortcut),
-    and its batch layout, conditional rows first (image by image, each image's AND parts together), then
-    the unconditional ones; with different lengths the conditional call comes first.
+    `a1111`: A1111's CFG denoiser instead of diffusers' rule: guidance at every scale but exactly 1 (see
+    below), and its batch layout, conditional rows first (image by image, each image's AND parts
+    together), then the unconditional ones; with different lengths the conditional call comes first.
+    `needs_uncond`: always run the unconditional pass (DDIM CFG++ steps along it).
     """
 
-    def __init__(self, conditioning: Conditioning, cfg_scale: float, a1111: bool = False):
+    def __init__(
+        self, conditioning: Conditioning, cfg_scale: float, a1111: bool = False, needs_uncond: bool = False
+    ):
         self.conditioning = conditioning
         self.cfg_scale = cfg_scale
         self.a1111 = a1111
         parts = conditioning.parts
-        # Plain prompt below CFG 1: the prompt's prediction alone (diffusers' rule; no negative pass).
-        self.guided = a1111 or cfg_scale > 1.0 or len(parts) > 1 or parts[0][1] != 1.0
+        plain = len(parts) == 1 and parts[0][1] == 1.0
+        if a1111:
+            # A1111 runs the negative pass at CFG 1 too, then computes uncond + 1 * (cond - uncond): the
+            # prompt's prediction up to float rounding (~1e-7). Skipping it halves the U-Net work of the
+            # CFG-1 paths (LCM-LoRA) and changes no image beyond what another CPU's rounding would.
+            self.guided = needs_uncond or not (plain and cfg_scale == 1.0)
+        else:
+            # Plain prompt below CFG 1: the prompt's prediction alone (diffusers' rule; no negative pass).
+            self.guided = needs_uncond or cfg_scale > 1.0 or not plain
         self.calls = 0
         self.padded = False  # whether "Pad conds" padded anything (A1111 records it only then)
         self.uncond_output: torch.Tensor | None = None  # the latest call's (DDIM CFG++ steps along it)

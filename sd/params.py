@@ -9,9 +9,11 @@ Our sampler names are written as they are; A1111's display names are understood 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
+from .hires import hires_sampler_text, hires_schedule_text, infer_hr_scheduler
 from .infotext import backcompat, format_infotext, parse_infotext, parse_version
 from .inpaint import INFOTEXT_KEYS as INPAINT_KEYS
 from .inpaint import InpaintSettings
@@ -62,6 +64,8 @@ class GenerationParams:
     clip_skip: int = 1
     model_hash: str | None = None
     model: str | None = None
+    vae_hash: str | None = None  # of a swapped-in VAE file (A1111: sha256[:10])
+    vae: str | None = None  # its file name; a replay looks it up in the VAE folder
     # Images of a batch share one seed (one generator, as diffusers' num_images_per_prompt): an image is
     # reproduced by re-running its batch and keeping its position.
     batch_size: int = 1
@@ -98,6 +102,17 @@ class GenerationParams:
     # Inpainting's mask controls (sd.inpaint); None: no mask. The mask itself is in no PNG.
     inpaint: InpaintSettings | None = None
     nine_channel: bool = False  # made with an inpainting U-Net (A1111 writes its conditional mask weight)
+    # Hires fix (sd.hires), A1111's API names; its denoising strength is `strength`.
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # None: "Latent" (not written)
+    hr_second_pass_steps: int = 0  # 0: as the first pass
+    hr_resize_x: int = 0  # a target size instead of the scale; 0: from the other side's aspect
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None  # None: the first pass's
+    hr_scheduler: str | None = None  # None: the first pass's schedule type
+    hr_prompt: str = ""  # "": the first pass's
+    hr_negative_prompt: str = ""
 
     # Settings keys of an infotext that were read but cannot change what we make (written by A1111 for
     # other features), named once when an image is replayed.
@@ -127,6 +142,8 @@ class GenerationParams:
             ("Size", f"{self.width}x{self.height}"),
             ("Model hash", self.model_hash),
             ("Model", self.model),
+            ("VAE hash", self.vae_hash),
+            ("VAE", self.vae),
             ("Variation seed", self.subseed if variation else None),
             ("Variation seed strength", f"{self.subseed_strength:g}" if variation else None),
             ("Seed resize from", resize),
@@ -138,6 +155,7 @@ class GenerationParams:
             # then, as A1111's extra_generation_params, in the order it adds them
             ("Batch size", self.batch_size if self.batch_size > 1 else None),
             ("Batch pos", self.batch_pos if self.batch_size > 1 else None),
+            *(_hires_settings(self) if self.enable_hr else ()),
             ("Lora hashes", self.lora_hashes),
             ("TI hashes", self.ti_hashes),
             # A1111 names a non-default emphasis only where it can matter: a prompt with brackets.
@@ -198,6 +216,8 @@ class GenerationParams:
                 extra = {}
             width, height = _size(settings.get("Size", "512x512"))
             strength = settings.get("Denoising strength")
+            hires = _read_hires(settings, sampler, schedule or "Automatic", a1111 is not None)
+            width, height = hires.pop("width", width), hires.pop("height", height)
             return replace(
                 params,
                 steps=int(settings.get("Steps", params.steps)),
@@ -211,6 +231,8 @@ class GenerationParams:
                 clip_skip=int(settings.get("Clip skip", 1)),
                 model_hash=settings.get("Model hash"),
                 model=settings.get("Model"),
+                vae_hash=settings.get("VAE hash"),
+                vae=settings.get("VAE"),
                 batch_size=int(settings.get("Batch size", 1)),
                 batch_pos=int(settings.get("Batch pos", 0)),
                 emphasis=settings.get("Emphasis", "Original"),
@@ -226,6 +248,7 @@ class GenerationParams:
                     if k not in _HONOURED and k not in _NO_EFFECT and k not in INPAINT_KEYS
                 ),
                 **extra,
+                **hires,
             )
         except (ValueError, TypeError) as error:
             raise ValueError(f"bad generation parameters: {error}") from None
@@ -238,9 +261,12 @@ _HONOURED = frozenset({
     "Variation seed strength", "Seed resize from", "Eta", "Eta DDIM", "Sigma churn", "Sigma tmin",
     "Sigma tmax", "Sigma noise", "Schedule min sigma", "Schedule max sigma", "Schedule rho",
     "Discard penultimate sigma", "Downcast alphas_cumprod", "Old prompt editing timelines",
-    "Noise multiplier", "SGM noise multiplier", "Lora hashes",
+    "Noise multiplier", "SGM noise multiplier", "Lora hashes", "VAE", "Hires upscale", "Hires resize",
+    "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
+    "Hires negative prompt", "First pass size",
 })  # fmt: skip
-# (Lora hashes are read to name the files; the prompt's <lora:...> tags are what applies them.)
+# (Lora hashes are read to name the files; the prompt's <lora:...> tags are what applies them. VAE names
+# the file a replay swaps in, as A1111's sd_vae override.)
 _NO_EFFECT = frozenset({"Model hash", "Model", "Version", "TI hashes", "User", "VAE hash", "Init image hash"})
 _NUMBERS = {
     "Eta": "eta", "Eta DDIM": "eta_ddim", "Sigma churn": "s_churn", "Sigma tmin": "s_tmin",
@@ -288,3 +314,75 @@ def _a1111_settings(settings: dict[str, str]) -> dict:
     )
     out.update({name: _true(settings.get(key)) for key, name in _FLAGS.items()})
     return out
+
+
+def _hires_settings(params: GenerationParams) -> list[tuple[str, object]]:
+    """The hires keys, where and as A1111 writes them (init, calculate_target_resolution): the prompts
+    only when they differ, "Hires resize" instead of the scale when a size was asked, the steps unless 0,
+    the upscaler when one was named."""
+    resize = params.hr_resize_x or params.hr_resize_y
+    prompt, negative = params.hr_prompt, params.hr_negative_prompt
+    return [
+        ("Hires sampler", hires_sampler_text(params)),
+        ("Hires prompt", prompt if prompt and prompt != params.prompt else None),
+        ("Hires negative prompt", negative if negative and negative != params.negative_prompt else None),
+        ("Hires schedule type", hires_schedule_text(params) if params.a1111 else None),
+        ("Hires upscale", None if resize else _number(params.hr_scale)),
+        ("Hires resize", f"{params.hr_resize_x}x{params.hr_resize_y}" if resize else None),
+        ("Hires steps", params.hr_second_pass_steps or None),
+        ("Hires upscaler", params.hr_upscaler),
+    ]
+
+
+def _read_hires(settings: dict[str, str], sampler: str, schedule: str, a1111: bool) -> dict:
+    """The hires fields of an infotext, as A1111's paste reads them: on when "Denoising strength" and any of
+    "Hires upscale", "Hires upscaler", "Hires resize" are there; an old "First pass size" turned into a
+    resize from it (restore_old_hires_fix_params); the hires schedule as A1111 replays it (see
+    sd.hires.infer_hr_scheduler)."""
+    out: dict = {}
+    if "First pass size" in settings:  # before v1.0 the Size was the final one, and this the first pass's
+        first_w, first_h = _size(settings["First pass size"])
+        width, height = _size(settings.get("Size", "512x512"))
+        if first_w and first_h:
+            out.update(width=first_w, height=first_h)
+        else:
+            out.update(dict(zip(("width", "height"), _old_first_pass(width, height), strict=True)))
+        settings = {**settings, "Hires resize": f"{width}x{height}"}
+    hires_keys = ("Hires upscale", "Hires upscaler", "Hires resize")
+    if "Denoising strength" not in settings or not any(key in settings for key in hires_keys):
+        return out
+    resize_x, resize_y = _size(settings.get("Hires resize", "0x0"))
+    hr_sampler = settings.get("Hires sampler")
+    hr_scheduler = settings.get("Hires schedule type")
+    if a1111 and hr_sampler is not None:
+        found = a1111_label(hr_sampler)
+        if found is not None:
+            hr_sampler, from_name = found
+            version = parse_version(settings.get("Version"))
+            if from_name is not None and hr_scheduler is None:  # "DPM++ 2M Karras": before v1.9
+                hr_scheduler = SCHEDULE_TYPES[from_name].label
+            elif hr_scheduler is None and version and version < (1, 9, 0, 0):
+                hr_scheduler = "Uniform"  # a plain name meant the model's own schedule then
+    if a1111 and hr_scheduler is None:
+        hr_scheduler = infer_hr_scheduler(sampler, schedule, hr_sampler)
+    if hr_sampler == sampler:
+        hr_sampler = None
+    out.update(
+        enable_hr=True,
+        hr_scale=float(settings.get("Hires upscale", 2.0)),
+        hr_upscaler=settings.get("Hires upscaler"),
+        hr_second_pass_steps=int(settings.get("Hires steps", 0)),
+        hr_resize_x=resize_x,
+        hr_resize_y=resize_y,
+        hr_sampler_name=hr_sampler,
+        hr_scheduler=hr_scheduler,
+        hr_prompt=settings.get("Hires prompt", ""),
+        hr_negative_prompt=settings.get("Hires negative prompt", ""),
+    )
+    return out
+
+
+def _old_first_pass(width: int, height: int) -> tuple[int, int]:
+    """A1111's old_hires_fix_first_pass_dimensions: about 512x512 pixels, sides rounded up to 64."""
+    scale = math.sqrt(512 * 512 / (width * height))
+    return math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64

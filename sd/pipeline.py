@@ -37,11 +37,28 @@ from .config import ScheduleConfig
 from .decoder import decode_in_tiles
 from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
+from .hires import (
+    SecondPass,
+    check_hires,
+    run_second_pass,
+    second_pass_params,
+    second_pass_start,
+    second_pass_steps,
+)
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .inpaint import DEFAULT_FILL, DEFAULT_MASK_BLUR, DEFAULT_PADDING, InpaintSettings
 from .inpaint_sampling import InpaintJob, is_inpainting_model
 from .models import config_of
-from .networks import ActiveLora, LoraCache, WeightMerger, find_lora, lora_hashes
+from .networks import (
+    ActiveLora,
+    LoraCache,
+    RebindingMerger,
+    UnmergedNetworks,
+    WeightMerger,
+    find_lora,
+    lora_hashes,
+    lora_tag,
+)
 from .noise import ImageNoise
 from .params import GenerationParams
 from .prompts import NetworkTag, extract_networks, lora_multipliers
@@ -52,6 +69,7 @@ from .samplers.schedule import alphas_cumprod
 from .samplers.sigmas import ldm_alphas_cumprod
 from .samplers.timesteps import CFGPP_SCALE, TimestepsSampler
 from .tokenizer import CLIPTokenizer
+from .vae_swap import VAE_AUTOMATIC, VAE_NONE, VAEFileError, VAESwap, find_vae, read_vae, vae_hash, vae_name
 
 log = logging.getLogger("sd")
 
@@ -89,6 +107,17 @@ def check_size(width: int | None, height: int | None, multiple: int = 8) -> None
             )
 
 
+def check_hires_settings(params: GenerationParams, downscale: int = 8) -> None:
+    """A clear error for hires settings that cannot run (sd.hires.check_hires) or a final size out of range;
+    unset sizes (None) stand for 512 in the first checks and skip the size one."""
+    size = check_hires(replace(params, width=params.width or 512, height=params.height or 512), downscale)
+    if params.width and params.height:
+        try:
+            check_size(size.width, size.height, downscale)
+        except ValueError as error:
+            raise ValueError(f"hires fix to {size.width}x{size.height}: {error}") from None
+
+
 def check_settings(steps: int, cfg_scale: float, strength: float | None = None) -> None:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -119,6 +148,13 @@ def bind_a1111_sampler(params: GenerationParams, schedule: ScheduleConfig):
 def model_calls(params: GenerationParams, schedule: ScheduleConfig) -> int:
     """U-Net steps of one batch (for progress; nominal for DPM adaptive); ValueError for settings the
     sampler refuses (e.g. a strength that leaves no steps)."""
+    if params.enable_hr:  # txt2img, then the second pass (its strength is the hires one)
+        first = model_calls(replace(params, enable_hr=False, strength=None), schedule)
+        second = second_pass_params(params)
+        if not params.a1111:
+            return first + model_calls(second, schedule)
+        sampler = bind_a1111_sampler(second, schedule)
+        return first + sampler.calls(second_pass_start(sampler, second_pass_steps(params)))
     if params.a1111:
         sampler = bind_a1111_sampler(params, schedule)
         return sampler.calls(sampler.img2img_start(params.strength) if params.strength else 0)
@@ -151,8 +187,14 @@ class Pipeline:
         self.model_hash = model_hash
         self.vae_tiling: bool | None = None  # None: tile only large images (see tiles_vae)
         self.lora_dir: Path | None = None  # where <lora:name:w> tags are looked up
+        self.vae_dir: Path | None = None  # where set_vae looks names up (A1111's models/VAE)
+        self.vae_file: Path | None = None  # the swapped-in VAE; None: the checkpoint's own
+        self.vae_hash: str | None = None  # A1111's VAE hash of vae_file
+        self._vae_swap = VAESwap(models)
         self._lora_files = LoraCache()
-        self._lora_merger = WeightMerger(models)
+        # Converted modules (OpenVINO) take their weights through rebind(); torch modules are merged into.
+        converted = hasattr(models["diffusion"], "rebind")
+        self._lora_merger = RebindingMerger(models) if converted else WeightMerger(models)
         self._loras: list[ActiveLora] = []  # set_loras' set; prompt tags add theirs per run
         self.active_loras: list[ActiveLora] = []  # merged into the weights now
         self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
@@ -229,11 +271,13 @@ class Pipeline:
 
     # --- LoRA ---------------------------------------------------------------------------------------
 
-    def set_loras(self, loras: Sequence[tuple[str | Path, LoraWeight]]) -> None:
+    def set_loras(self, loras: Sequence[tuple[str | Path, LoraWeight]], merge: bool = True) -> None:
         """Merge these LoRA / LyCORIS files into the weights, in order: each `(path, weight)`, the weight a
         float or a `(text_encoder, unet)` pair (A1111's strengths). `[]` restores the original weights bit
-        for bit. Prompt tags (`<lora:name:w>`) add their files on top for a run. ValueError (one line) for
-        a file that is no LoRA for this model."""
+        for bit. Prompt tags (`<lora:name:w>`) add their files on top for a run. `merge=False` keeps them
+        (and later tags) out of the weights: forward hooks add them to the layers' outputs instead.
+        ValueError (one line) for a file that is no LoRA for this model."""
+        self._lora_mode(merge)
         entries = []
         for path, weight in loras:
             te, unet = (weight, weight) if isinstance(weight, (int, float)) else weight
@@ -241,6 +285,15 @@ class Pipeline:
             entries.append(ActiveLora(file.name, file, float(te), float(unet)))
         self._apply_loras(entries)
         self._loras = entries
+
+    def _lora_mode(self, merge: bool) -> None:
+        if merge == (not isinstance(self._lora_merger, UnmergedNetworks)):
+            return
+        if not merge and isinstance(self._lora_merger, RebindingMerger):
+            raise ValueError("un-merged LoRA needs the torch backend's modules (OpenVINO merges them)")
+        self._lora_merger.restore()
+        self.active_loras = []
+        self._lora_merger = WeightMerger(self.models) if merge else UnmergedNetworks(self.models)
 
     def _apply_loras(self, loras: list[ActiveLora]) -> None:
         try:
@@ -265,18 +318,48 @@ class Pipeline:
                 where = f"in {self.lora_dir}" if self.lora_dir is not None else "(no LoRA folder: --lora-dir)"
                 log.warning("%s: no LoRA named %r %s; the tag is ignored", tag.text, tag.name, where)
                 continue
-            found.append(ActiveLora(tag.name, self._lora_files.load(path, self.config), te, unet))
+            try:
+                file = self._lora_files.load(path, self.config)
+            except ValueError as error:  # A1111 logs a file it cannot use and makes the image without it
+                log.warning("%s: %s; the tag is ignored", tag.text, error)
+                continue
+            found.append(ActiveLora(tag.name, file, te, unet))
         return found
 
-    def condition(self, params: GenerationParams, total_steps: int) -> Conditioning:
-        """The run's conditioning over `total_steps` prompt-editing steps: A1111 prompt syntax, any length,
-        embeddings; each distinct text encoded once. <lora:...> tags are taken out of the prompt and their
-        files merged (after `set_loras`' set) before the text encoder runs, as A1111 does."""
+    # --- VAE swap ---------------------------------------------------------------------------------
+
+    def set_vae(self, vae: str | Path | None) -> None:
+        """Encode and decode with this VAE file (original or diffusers layout; a bare name is looked up in
+        `vae_dir`); None, "None" or "Automatic" give the checkpoint's own back, bit for bit. VAEFileError
+        (one line) for a file that is no SD1.x VAE."""
+        path = None
+        if vae is not None and str(vae) not in (VAE_AUTOMATIC, VAE_NONE):
+            path = find_vae(self.vae_dir, str(vae))
+            if path is None:
+                where = f" in {self.vae_dir}" if self.vae_dir is not None else ""
+                raise VAEFileError(f"{vae}: no such VAE file{where}")
+            path = path.resolve()
+        if path == self.vae_file:
+            return
+        states = read_vae(path, self.config) if path is not None else None
+        digest = vae_hash(path) if path is not None else None
+        self._vae_swap.apply(states, digest)
+        self.vae_file, self.vae_hash = path, digest
+
+    def condition(
+        self, params: GenerationParams, total_steps: int, hires_steps: int | None = None
+    ) -> Conditioning:
+        """The run's conditioning over `total_steps` prompt-editing steps (`hires_steps`: of a hires pass
+        after such a first pass): A1111 prompt syntax, any length, embeddings; each distinct text encoded
+        once. <lora:...> tags are taken out of the prompt and their files merged (after `set_loras`' set)
+        before the text encoder runs, as A1111 does."""
         prompt, tags = extract_networks(params.prompt)
         self._apply_loras([*self._loras, *self._tag_loras(tags)])
         encoder = self.prompt_encoder(params.clip_skip, params.emphasis)
-        conditioning = condition(encoder, prompt, params.negative_prompt, total_steps, params.pad_conds,
-                                 old_scheduling=params.old_prompt_editing)  # fmt: skip
+        conditioning = condition(
+            encoder, prompt, params.negative_prompt, total_steps, params.pad_conds,
+            old_scheduling=params.old_prompt_editing, hires_steps=hires_steps,
+        )  # fmt: skip
         self._release("clip")
         return conditioning
 
@@ -373,22 +456,41 @@ class Pipeline:
         check_settings(params.steps, params.cfg_scale, params.strength)
         if num_images < 1:
             raise ValueError(f"number of images must be at least 1, got {num_images}")
+        if params.enable_hr:
+            if image is not None:
+                raise ValueError("the hires fix is for txt2img; an init image makes this img2img")
+            check_hires_settings(params, self.config.vae.downscale)
         if image is not None and image.size != (params.width, params.height):
             image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
         down = self.config.vae.downscale
         shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
-        if job is None and is_inpainting_model(self.config.unet.in_channels):
-            job = InpaintJob(InpaintSettings(), None, nine=True)  # txt2img / img2img as A1111: a mask of ones
+        job = job or self._unmasked_job()
         run = self._sample_a1111 if params.a1111 else self._sample_diffusers
-        latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image, job)
+        latents, conditioning, guidance, resolved = run(params, shape, eta, callback, image, job=job)
+        if params.enable_hr:
+            latents, second = run_second_pass(self, params, latents, eta, callback)
+            resolved = {**resolved, **second}
         pixels = self.decode(latents, truncate=params.a1111)
-        params = replace(params, ti_hashes=ti_hashes(conditioning.embeddings), pad_conds=guidance.padded,
-                         lora_hashes=lora_hashes(self.active_loras), unhonoured=(), **resolved)  # fmt: skip
+        # set_loras' files are written as the prompt tags A1111 (and --from-png) would apply them from.
+        tags = [lora_tag(a) for a in self._loras]
+        prompt = " ".join([params.prompt, *tags])
+        if params.hr_prompt:  # A1111 re-activates the networks from the hires prompt's tags
+            params = replace(params, hr_prompt=" ".join([params.hr_prompt, *tags]))
+        params = replace(params, prompt=prompt, ti_hashes=ti_hashes(conditioning.embeddings),
+                         pad_conds=guidance.padded, lora_hashes=lora_hashes(self.active_loras), unhonoured=(),
+                         **resolved)  # fmt: skip
         finish = job.finish if job is not None else (lambda im: im)
         return [
             finish(self._with_params(Image.fromarray(p), self._image_params(params, i, num_images)))
             for i, p in enumerate(pixels)
         ]
+
+    def _unmasked_job(self) -> InpaintJob | None:
+        """An inpainting model's job without a mask (txt2img, img2img, the hires pass, as A1111 uses it: a
+        mask of ones); None for a regular model."""
+        if is_inpainting_model(self.config.unet.in_channels):
+            return InpaintJob(InpaintSettings(), None, nine=True)
+        return None
 
     @staticmethod
     def _image_params(params: GenerationParams, index: int, count: int) -> GenerationParams:
@@ -397,15 +499,18 @@ class Pipeline:
             return replace(params, batch_size=count, batch_pos=index)
         return params.a1111_image(index)  # A1111's way: each image its own seed (or subseed), as A1111 writes
 
-    def _sample_diffusers(self, params, shape, eta, callback, image, job=None):
-        """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order."""
+    def _sample_diffusers(self, params, shape, eta, callback, image, init=None, job=None):
+        """diffusers' way: its schedulers' grids, one CPU generator for the batch, its draw order. `init`:
+        (clean latents, generator) to run img2img from instead of an image (the hires pass). `job`:
+        inpainting (sd.inpaint_sampling)."""
+        job = job or self._unmasked_job()
         sampler = get_sampler(params.sampler, params.steps, self.config.schedule, params.karras, eta)
-        generator = torch.Generator("cpu").manual_seed(params.seed)
+        generator = torch.Generator("cpu").manual_seed(params.seed) if init is None else init[1]
         conditioning = self.condition(params, sampler.num_steps * sampler.order)
         guidance = Guidance(conditioning, params.cfg_scale)
         start = 0
         masked = job is not None and job.masked
-        if image is None:
+        if image is None and init is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32)
             latents = noise.to(self.device) * sampler.init_noise_sigma
             if job is not None:
@@ -416,8 +521,12 @@ class Pipeline:
             # (first) only when it is needed: a 4-channel model's blend, or a strength below 1.
             full = masked and params.strength >= 1.0
             clean = None
-            if not (full and job.nine):
-                clean = self.encode_image(image, generator).float().expand(shape[0], -1, -1, -1)
+            if init is not None:
+                clean = init[0].to(self.device).expand(shape[0], -1, -1, -1)
+            elif not (full and job.nine):
+                clean = (
+                    self.encode_image(image, generator).float().to(self.device).expand(shape[0], -1, -1, -1)
+                )
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
             if job is not None:
                 job.condition(self, image, shape, generator, a1111=False)
@@ -435,14 +544,21 @@ class Pipeline:
                 callback(step)
         return step.latents, conditioning, guidance, {}
 
-    def _sample_a1111(self, params, shape, eta, callback, image, job=None):
-        """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image."""
+    def _sample_a1111(self, params, shape, eta, callback, image, init: SecondPass | None = None, job=None):
+        """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image. `init`:
+        the hires pass's start (sd.hires), img2img from its latents for exactly its steps. `job`:
+        inpainting (sd.inpaint_sampling)."""
+        job = job or self._unmasked_job()
         sampler = bind_a1111_sampler(params, self.config.schedule)
-        conditioning = self.condition(params, sampler.total_steps)
+        if init is None:
+            conditioning = self.condition(params, sampler.total_steps)
+        else:  # A1111's hires conds: prompt-editing steps counted on from the first pass's
+            conditioning = self.condition(params, init.first_total, hires_steps=init.hires_total)
         cfg_scale = params.cfg_scale
         if isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp:
             cfg_scale *= CFGPP_SCALE  # DDIM CFG++ guides at a fraction of the scale (the PNG keeps the scale)
-        guidance = Guidance(conditioning, cfg_scale, a1111=True)
+        cfgpp = isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp
+        guidance = Guidance(conditioning, cfg_scale, a1111=True, needs_uncond=cfgpp)
         images = [params.a1111_image(i) for i in range(shape[0])]
         seeds, subseeds = [p.seed for p in images], [p.subseed or 0 for p in images]
         noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,
@@ -451,16 +567,18 @@ class Pipeline:
         masked = job is not None and job.masked
         if isinstance(sampler, TimestepsSampler):
             if masked:
-                raise ValueError(
-                    f"inpainting in A1111's way takes the k-diffusion samplers, not {sampler.label}"
-                )
+                raise ValueError(f"A1111's way inpaints with the k-diffusion samplers, not {sampler.label}")
             if job is not None:
                 job.condition(self, image, shape, None, a1111=True)
-            return self._sample_timesteps(
-                sampler, params, x, noise, guidance, conditioning, callback, image, job
-            )
+            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image,
+                                          init, job)  # fmt: skip
         start = 0
-        if image is None:
+        if init is not None:
+            start = second_pass_start(sampler, init.steps)
+            x = init.latents.to(self.device) + x * sampler.sigmas[start]
+            if job is not None:  # an inpainting model's hires pass: a mask of ones, as in txt2img
+                job.condition(self, None, shape, None, a1111=True)
+        elif image is None:
             x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
             if job is not None:
                 job.condition(self, None, shape, None, a1111=True)
@@ -506,7 +624,8 @@ class Pipeline:
 
         total = sampler.calls(start)
         latents = x
-        for index, latents in enumerate(sampler.sample(model, x, noise, start, img2img=image is not None)):
+        img2img = image is not None or init is not None
+        for index, latents in enumerate(sampler.sample(model, x, noise, start, img2img=img2img)):
             if callback is not None:
                 callback(Step(index, total, timestep[0], latents))
         self._release("diffusion")
@@ -515,10 +634,15 @@ class Pipeline:
         # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
         return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
 
-    def _sample_timesteps(self, sampler, params, x, noise, guidance, conditioning, callback, image, job=None):
+    def _sample_timesteps(
+        self, sampler, params, x, noise, guidance, conditioning, callback, image, init=None, job=None
+    ):  # fmt: skip
         """A1111's own DDIM, PLMS and UniPC: CFG on the U-Net's eps at (integer or continuous) timesteps."""
         start = 0
-        if image is None:
+        if init is not None:
+            start = second_pass_start(sampler, init.steps)
+            x = sampler.img2img_latent(init.latents.to(self.device), x, start)
+        elif image is None:
             x = sampler.txt2img_latent(x)
         else:
             start = sampler.img2img_start(params.strength)
@@ -555,7 +679,9 @@ class Pipeline:
 
     def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
         # The text travels in image.info["parameters"]; save_png writes it into the PNG.
-        params = replace(params, model=self.model_name, model_hash=self.model_hash)
+        vae = vae_name(self.vae_file) if self.vae_file is not None else None
+        params = replace(params, model=self.model_name, model_hash=self.model_hash, vae=vae,
+                         vae_hash=self.vae_hash)  # fmt: skip
         image.info["parameters"] = params.to_text()
         return image
 
@@ -624,12 +750,37 @@ class Pipeline:
         num_images: int = 1,
         clip_skip: int = 1,
         callback: StepCallback | None = None,
+        *,
+        enable_hr: bool = False,
+        hr_scale: float = 2.0,
+        hr_upscaler: str | None = None,
+        hr_second_pass_steps: int = 0,
+        denoising_strength: float = 0.75,
+        hr_resize_x: int = 0,
+        hr_resize_y: int = 0,
+        hr_sampler_name: str | None = None,
+        hr_scheduler: str | None = None,
+        hr_prompt: str = "",
+        hr_negative_prompt: str = "",
     ) -> list[Image.Image]:
         """Images for `prompt`, `native_size` square unless told; each PIL image carries its generation
-        parameters in `image.info`."""
+        parameters in `image.info`.
+
+        `enable_hr`: A1111's hires fix (sd.hires), with A1111's API names and defaults: upscale by
+        `hr_scale` (or to `hr_resize_x` x `hr_resize_y`, one of them 0: that side from the aspect) with
+        `hr_upscaler` (None: "Latent"; "Latent (bicubic)", ..., "Lanczos", "Nearest", "None"), then
+        `hr_second_pass_steps` (0: `steps`) at `denoising_strength`, with `hr_sampler_name`,
+        `hr_scheduler`, `hr_prompt`, `hr_negative_prompt` where given (else the first pass's)."""
         seed = new_seed() if seed is None else seed
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, None, clip_skip)  # fmt: skip
+        if enable_hr:
+            params = replace(
+                params, enable_hr=True, hr_scale=hr_scale, hr_upscaler=hr_upscaler,
+                hr_second_pass_steps=hr_second_pass_steps, strength=denoising_strength,
+                hr_resize_x=hr_resize_x, hr_resize_y=hr_resize_y, hr_sampler_name=hr_sampler_name,
+                hr_scheduler=hr_scheduler, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative_prompt,
+            )  # fmt: skip
         return self.run(params, None, num_images, eta, callback)
 
     def img2img(

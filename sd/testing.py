@@ -47,3 +47,40 @@ def ldm_state_dict(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         for key, value in model.state_dict().items():
             state[ldm_key(name, key)] = value.contiguous()  # channels-last weights: files want plain layout
     return state
+
+
+# The layers diffusers' LCM-LoRA training script targets (peft target_modules), by kohya name ending: the
+# same 278 U-Net layers as a kohya LoCon file, no text encoder.
+_LCM_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "ff_net_0_proj", "ff_net_2", "conv1",
+    "conv2", "conv_shortcut", "downsamplers_0_conv", "upsamplers_0_conv", "time_emb_proj",
+)  # fmt: skip
+
+_DIFFUSERS_BLOCKS = ("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks")
+
+
+@torch.no_grad()
+def lcm_lora_like(config: ModelConfig = SD15, rank: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random file in LCM-LoRA's shape (latent-consistency/lcm-lora-sdv1-5): kohya keys with diffusers
+    block names, `lora_down`/`lora_up`/`alpha` in fp16 over the U-Net layers it targets (3x3 convs as
+    genuine 3x3 LoRA). Values are small but non-zero, so the LoRA changes every layer it names."""
+    from .keymap import lora_module_names
+
+    shapes = {
+        k: tuple(v.shape) for k, v in build_models(config, device="meta")["diffusion"].state_dict().items()
+    }
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, (component, module) in lora_module_names(config).items():
+        diffusers_style = name.startswith(
+            ("lora_unet_down_blocks", "lora_unet_mid_block", "lora_unet_up_blocks")
+        )
+        if component != "diffusion" or not diffusers_style or not name.endswith(_LCM_LORA_TARGETS):
+            continue
+        out_ch, in_ch, *kernel = shapes[f"{module}.weight"]
+        down = torch.randn(rank, in_ch, *kernel, generator=gen) * (in_ch * max(1, len(kernel))) ** -0.5
+        up = torch.randn(out_ch, rank, *[1] * len(kernel), generator=gen) * 0.02
+        state[f"{name}.lora_down.weight"] = down.half()
+        state[f"{name}.lora_up.weight"] = up.half()
+        state[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float16)
+    return state

@@ -368,13 +368,13 @@ def test_an_a1111_png_is_made_a1111s_way_with_what_cannot_be_honoured_named(
     from sd.weights import load_models
 
     text = (f"a lighthouse\nNegative prompt: blurry\nSteps: 3, Sampler: {sampler}, Schedule type: Automatic, "
-            "CFG scale: 7, Seed: 42, Size: 64x64, Model hash: 0000000000, Model: other, Hires upscale: 2, "
+            "CFG scale: 7, Seed: 42, Size: 64x64, Model hash: 0000000000, Model: other, Tiling: True, "
             "Version: v1.10.1")  # fmt: skip
     save_png(Image.new("RGB", (64, 64)), tmp_path / "a1111.png", text)
     code, _, err = run(capsys, "generate", "--from-png", str(tmp_path / "a1111.png"), "--ckpt", ckpt,
                          "-o", str(tmp_path / "ours.png"))  # fmt: skip
     assert code == 0, err
-    assert "warning: Hires upscale (from the PNG) is not supported yet" in err
+    assert "warning: Tiling (from the PNG) is not supported yet" in err
     assert "model hash 0000000000" in err
     expected = Pipeline(load_models(ckpt)).run(GenerationParams.from_text(text))[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png")), np.asarray(expected))

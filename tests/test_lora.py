@@ -17,6 +17,7 @@ import pickle
 import struct
 import zipfile
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,8 +143,11 @@ def ours(world: World):
 
 
 def _digests(world: World) -> dict[str, str]:
+    # A weight that is parametrized (un-merged LoRA) is stored as parametrizations.weight.original.
     return {
-        f"{name}.{k}": hashlib.sha256(v.detach().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        f"{name}.{k.replace('.parametrizations.weight.original', '.weight')}": hashlib.sha256(
+            v.detach().reshape(-1).view(torch.uint8).numpy()
+        ).hexdigest()
         for name in ("clip", "diffusion")
         for k, v in world.ours[name].state_dict().items()
         if v.dim()
@@ -520,6 +524,11 @@ def test_cli_lora_option_and_tags(tmp_path, capsys, monkeypatch) -> None:
     assert code == 0, err
     code, plain, err = generate("a cat", "-o", "d.png")
     assert code == 0, err
+    unmerged_mode = ["--lora-dir", str(folder), "--lora-mode", "unmerged", "-o", "e.png"]
+    code, unmerged, err = generate("a cat <lora:ink:1:0.5>", *unmerged_mode)
+    assert code == 0, err
+    differing = np.frombuffer(np_bytes(unmerged), np.uint8) != np.frombuffer(np_bytes(by_tag), np.uint8)
+    assert differing.mean() < 0.01, "un-merged: the merged image up to rounding"
     pixels = [np_bytes(p) for p in (by_option, by_name, by_tag, plain)]
     assert pixels[0] == pixels[1] == pixels[2] != pixels[3]
     assert 'Lora hashes: "ink: ' in read_png_parameters(by_tag)
@@ -596,3 +605,54 @@ def test_lora_hashes_sit_before_ti_hashes() -> None:
     params = GenerationParams("a <lora:x:1>", lora_hashes="x: 0123456789ab", ti_hashes="e: ba9876543210")
     assert 'Lora hashes: "x: 0123456789ab", TI hashes: "e: ba9876543210"' in params.to_text()
     assert GenerationParams.from_text(params.to_text()).lora_hashes == "x: 0123456789ab"
+
+
+@torch.no_grad()
+def test_unmerged_equals_merged_and_leaves_the_weights(tiny, ours, tmp_path) -> None:
+    """set_loras(merge=False): the weights are read as W0 + deltas (plain LoRA from its low-rank factors,
+    LoHa / LoKr / DoRA as full dW); outputs equal the merged model's up to fp32 rounding (RTOL) and no
+    stored weight changes by a bit."""
+    from sd.testing import lcm_lora_like
+
+    files = []
+    for kind in ("loha", "lokr"):
+        state, _ = _lyco_file(tiny, kind, torch.Generator().manual_seed(9))
+        files.append(tmp_path / f"{kind}.safetensors")
+        save_file(state, str(files[-1]))
+    files.append(tmp_path / "locon.safetensors")
+    save_file(lcm_lora_like(tiny.config, rank=3, seed=4), str(files[-1]))
+    files.append(tmp_path / "kohya.safetensors")
+    save_file(kohya_lora(tiny, seed=2), str(files[-1]))
+    loras = [(files[0], 0.5), (files[1], (0.3, 0.7)), (files[2], 1.0), (files[3], 0.8)]
+    latents, context, tokens = _inputs(tiny)
+    before, plain = _digests(tiny), _unet_out(tiny, latents, context)
+    ours.set_loras(loras)
+    merged_unet, merged_te = _unet_out(tiny, latents, context), tiny.ours["clip"](tokens)
+    ours.set_loras(loras, merge=False)
+    assert _digests(tiny) == before, "un-merged mode must leave the weights as they are"
+    assert_close(_unet_out(tiny, latents, context), merged_unet, "un-merged U-Net")
+    assert_close(tiny.ours["clip"](tokens), merged_te, "un-merged text encoder")
+    ours.set_loras([], merge=False)
+    assert torch.equal(_unet_out(tiny, latents, context), plain), "parametrizations left behind"
+
+
+def test_set_loras_files_are_written_as_tags_and_broken_tagged_files_skipped(tmp_path, caplog) -> None:
+    """A PNG made with set_loras / --lora names the files as A1111 would: as prompt tags, so a replay (ours,
+    or A1111's with the file in its Lora folder) applies them; a tag naming a file that cannot be used is
+    logged and skipped, as A1111 does, and the image is made without it."""
+    models = random_models(TINY, seed=5)
+    pipe = Pipeline(models)
+    save_file(_tiny_kohya(models, seed=14), str(tmp_path / "ink.safetensors"))
+    pipe.set_loras([(tmp_path / "ink.safetensors", (1.0, 0.5))])
+    made = pipe.txt2img("a cat", width=64, height=64, steps=2, seed=4)[0]
+    text = made.info["parameters"]
+    assert text.splitlines()[0] == "a cat <lora:ink:1:0.5>"
+    pipe.set_loras([])
+    pipe.lora_dir = tmp_path
+    replayed = pipe.run(GenerationParams.from_text(text))[0]
+    assert np.array_equal(np.asarray(replayed), np.asarray(made))
+    save_file({"something.else": torch.zeros(2)}, str(tmp_path / "broken.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="sd"):
+        image = pipe.txt2img("a cat <lora:broken:1>", width=64, height=64, steps=2, seed=4)[0]
+    assert "<lora:broken:1>" in caplog.text and "the tag is ignored" in caplog.text
+    assert "Lora hashes" not in image.info["parameters"]

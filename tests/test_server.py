@@ -56,8 +56,9 @@ def same_pixels(a: Image.Image, b: Image.Image) -> bool:
 
 
 def a1111(pipe: Pipeline, prompt: str, negative: str = "", image=None, num_images: int = 1, **fields):
-    """What the Python API makes A1111's way (the server's default) with A1111's request defaults."""
-    fields = {"sampler": "DPM++ 2M", "cfg_scale": 7.0, "steps": 20, **SIZE, **fields}
+    """What the Python API makes A1111's way (the server's default) with A1111's API defaults (Euler, 50
+    steps: its sampler_index default and StableDiffusionProcessing's)."""
+    fields = {"sampler": "Euler", "cfg_scale": 7.0, "steps": 50, **SIZE, **fields}
     return pipe.run(GenerationParams(prompt, negative, a1111=True, **fields), image, num_images)
 
 
@@ -90,7 +91,7 @@ def test_a1111_sampler_and_scheduler_names(served):
         {"sampler_name": "DPM++ 2M Karras"},  # older clients fold the schedule into the name
         {"sampler_name": "dpmpp_2m", "scheduler": "karras"},
     )]  # fmt: skip
-    expected = a1111(pipe, "a boat", steps=5, seed=3, schedule="Karras")
+    expected = a1111(pipe, "a boat", steps=5, seed=3, sampler="DPM++ 2M", schedule="Karras")
     automatic = call(url, "/sdapi/v1/txt2img", {**base, "sampler_name": "DPM++ 2M"})[1]  # its own: Karras
     for answer in [*karras, automatic]:
         assert same_pixels(images_of(answer)[0], expected[0])
@@ -100,10 +101,14 @@ def test_a1111_sampler_and_scheduler_names(served):
         assert status == 200, answer
         assert not same_pixels(images_of(answer)[0], expected[0])
     # diffusers' way, when a request asks
-    status, answer = call(url, "/sdapi/v1/txt2img", {**base, **names_diffusers, "way": "diffusers"})
+    # eta as A1111 clients send it: it means nothing to DPM++ 2M (listed as ignored), as in A1111
+    status, answer = call(
+        url, "/sdapi/v1/txt2img", {**base, **names_diffusers, "way": "diffusers", "eta": 1.0}
+    )
     assert status == 200, answer
     ours = pipe.txt2img("a boat", steps=5, cfg_scale=7.0, sampler="dpmpp_2m", karras=True, seed=3, **SIZE)
     assert same_pixels(images_of(answer)[0], ours[0]) and "Sampling: diffusers" in ours[0].info["parameters"]
+    assert "eta" in json.loads(answer["info"])["ignored_fields"]
 
 
 def test_clip_skip_as_a1111_clients_send_it(served):
@@ -173,8 +178,28 @@ _png = io.BytesIO()
 Image.new("RGB", (64, 64), "red").save(_png, format="PNG")
 RED_PNG = base64.b64encode(_png.getvalue()).decode()
 BAD_REQUESTS = {
-    "prompt not text": ("txt2img", {"prompt": 3}, "prompt must be str"),
-    "seed not a number": ("txt2img", {"seed": "abc"}, "seed must be int"),
+    "prompt not text": ("txt2img", {"prompt": 3}, "prompt: Input should be a valid string"),
+    "seed not a number": ("txt2img", {"seed": "abc"}, "seed: Input should be a valid integer"),
+    "seed a fraction": ("txt2img", {"seed": 1.5}, "seed: Input should be a valid integer"),
+    "CFG not a number": ("txt2img", {"cfg_scale": "high"}, "cfg_scale: Input should be a valid number"),
+    "CFG NaN": ("txt2img", b'{"cfg_scale": NaN}', "cfg_scale: Input should be a finite number"),
+    "steps infinite": ("txt2img", b'{"steps": Infinity}', "steps:"),
+    "huge size": ("txt2img", {"width": 100000, "height": 100000}, "width must be a multiple of 8 between"),
+    "huge batch": ("txt2img", {"batch_size": 10**9}, f"at most {MAX_IMAGES} images"),
+    "huge steps": ("txt2img", {"steps": 10**9}, "steps must be at most"),
+    "1 MB prompt": ("txt2img", {"prompt": "a" * 2**20}, "prompt is 1048576 characters"),
+    "override_settings not an object": ("txt2img", {"override_settings": [1]}, "override_settings:"),
+    "unknown script": ("txt2img", {"script_name": "x/y/z plot"}, "Script 'x/y/z plot' not found"),
+    "resize mode": (
+        "img2img",
+        {"init_images": [RED_PNG], "resize_mode": 2},
+        "resize_mode 2 is not supported",
+    ),
+    "VAE swap": (
+        "txt2img",
+        {"override_settings": {"sd_vae": "nope.safetensors"}},
+        "sd_vae 'nope.safetensors'",
+    ),
     "width not a multiple of 8": ("txt2img", {"width": 100}, "width must be a multiple of 8"),
     "no steps": ("txt2img", {"steps": 0}, "steps must be at least 1"),
     "negative CFG": ("txt2img", {"cfg_scale": -1}, "CFG scale"),
@@ -186,7 +211,16 @@ BAD_REQUESTS = {
         "scheduler 'Exponential'",
     ),
     "unknown way": ("txt2img", {"way": "comfy"}, "way must be one of a1111, diffusers"),
-    "hires fix": ("txt2img", {"enable_hr": True, "hr_scale": 2}, "enable_hr: hires fix is not supported yet"),
+    "hires upscaler": (
+        "txt2img",
+        {"enable_hr": True, "hr_upscaler": "R-ESRGAN 4x+"},
+        "'R-ESRGAN 4x+' needs its model",
+    ),
+    "hires scale": (
+        "txt2img",
+        {"enable_hr": True, "hr_scale": 0.5},
+        "hires scale must be at least 1, got 0.5",
+    ),
     "inpainting": (
         "img2img",
         {"init_images": [RED_PNG], "mask": RED_PNG},
@@ -194,7 +228,7 @@ BAD_REQUESTS = {
     ),
     "unknown noise source": ("txt2img", {"override_settings": {"randn_source": "TPU"}}, "RNG source"),
     "ENSD not a number": ("txt2img", {"override_settings": {"eta_noise_seed_delta": "x"}}, "must be int"),
-    "subseed strength not a number": ("txt2img", {"subseed_strength": "a lot"}, "subseed_strength must be"),
+    "subseed strength not a number": ("txt2img", {"subseed_strength": "a lot"}, "subseed_strength: Input"),
     "too many images": ("txt2img", {"batch_size": MAX_IMAGES, "n_iter": 2}, f"at most {MAX_IMAGES}"),
     "clip skip not a number": (
         "txt2img",
@@ -203,7 +237,7 @@ BAD_REQUESTS = {
     ),
     "bad emphasis weight": ("txt2img", {"prompt": "(a:1.2.3)"}, "'1.2.3' in ':1.2.3)' is not a number"),
     "unknown emphasis": ("txt2img", {"override_settings": {"emphasis": "Loud"}}, "emphasis must be one of"),
-    "body is a list": ("txt2img", [1], "JSON object"),
+    "body is a list": ("txt2img", [1], "body: Input should be a valid dictionary"),
     "body not JSON": ("txt2img", b"{nope", "not JSON"),
     "no init image": ("img2img", {"prompt": "x"}, "needs init_images"),
     "init image not base64": ("img2img", {"init_images": ["@@"]}, "not valid base64"),
@@ -213,26 +247,100 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("route, body, fragment", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
-def test_bad_requests_get_400_and_one_line(served, route, body, fragment):
+def test_bad_requests_get_4xx_and_one_line(served, route, body, fragment):
+    """Wrong types get FastAPI's 422 (as A1111's), our own checks 400 (413 for a prompt too long to read)."""
     url, _ = served
     status, answer = call(url, f"/sdapi/v1/{route}", body)
-    assert status == 400, answer
+    assert status in (400, 413, 422), answer
     assert fragment in answer["detail"] and "\n" not in answer["detail"], answer
 
 
 def test_routes_and_unknown_paths(served):
     url, _ = served
-    status, index = call(url, "/")
-    assert status == 200 and "POST /sdapi/v1/txt2img" in index["routes"]
+    with urllib.request.urlopen(
+        url + "/", timeout=30
+    ) as answer:  # the web UI (or a page saying it is missing)
+        assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/html")
+    with urllib.request.urlopen(url + "/docs", timeout=30) as answer:  # its files from here, not a CDN
+        page = answer.read().decode()
+    assert "/docs-files/swagger-ui-bundle.js" in page and "cdn" not in page.lower()
+    with urllib.request.urlopen(url + "/docs-files/swagger-ui-bundle.js", timeout=30) as answer:
+        assert answer.status == 200
+    status, schema = call(url, "/openapi.json")
+    assert status == 200 and {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/options"} <= set(
+        schema["paths"]
+    )
     _, samplers = call(url, "/sdapi/v1/samplers")
     by_name = {s["name"]: s for s in samplers}
-    assert "dpmpp_2m" in by_name and "euler_a" in by_name
+    assert "DPM++ 2M" in by_name and "dpmpp_2m" in by_name and "euler_a" in by_name
     _, models = call(url, "/sdapi/v1/sd-models")
     assert models[0]["title"] == "tiny [0123456789]"
     assert call(url, "/sdapi/v1/options")[1]["sd_model_checkpoint"] == "tiny [0123456789]"
     status, answer = call(url, "/sdapi/v1/txt2imgs", {})
     assert status == 404 and "no route POST /sdapi/v1/txt2imgs" in answer["detail"]
-    assert call(url, "/sdapi/v1/txt2img")[0] == 404  # GET of a POST route
+    assert call(url, "/sdapi/v1/txt2img")[0] == 405  # GET of a POST route (FastAPI's answer, as A1111's)
+
+
+A1111_LISTINGS = {
+    "/sdapi/v1/schedulers": list, "/sdapi/v1/sd-vae": list, "/sdapi/v1/loras": list,
+    "/sdapi/v1/upscalers": list, "/sdapi/v1/latent-upscale-modes": list, "/sdapi/v1/prompt-styles": list,
+    "/sdapi/v1/scripts": dict, "/sdapi/v1/cmd-flags": dict, "/sdapi/v1/memory": dict,
+    "/sdapi/v1/embeddings": dict, "/sdapi/v1/hypernetworks": list, "/sdapi/v1/face-restorers": list,
+}  # fmt: skip
+
+
+def test_every_a1111_listing_answers_in_its_shape(served):
+    url, _ = served
+    for path, kind in A1111_LISTINGS.items():
+        status, answer = call(url, path)
+        assert status == 200 and isinstance(answer, kind), (path, answer)
+    assert call(url, "/sdapi/v1/scripts")[1] == {"txt2img": [], "img2img": []}
+    assert {"ram", "cuda"} <= set(call(url, "/sdapi/v1/memory")[1])
+    assert {"loaded", "skipped"} <= set(call(url, "/sdapi/v1/embeddings")[1])
+    assert {"Latent", "Latent (antialiased)"} <= {
+        m["name"] for m in call(url, "/sdapi/v1/latent-upscale-modes")[1]
+    }
+    for path in ("refresh-checkpoints", "refresh-loras", "refresh-vae", "skip", "interrupt"):
+        assert call(url, f"/sdapi/v1/{path}", {})[0] == 200, path
+
+
+def test_options_take_effect_and_read_back(served):
+    url, pipe = served
+    request = {"prompt": "a house", "seed": 2, "steps": 3, **SIZE}
+    try:
+        assert (
+            call(
+                url,
+                "/sdapi/v1/options",
+                {
+                    "CLIP_stop_at_last_layers": 2,
+                    "eta_noise_seed_delta": 31337,
+                    "randn_source": "CPU",
+                    "samples_format": "jpg",
+                },
+            )[0]
+            == 200
+        )
+        options = call(url, "/sdapi/v1/options")[1]
+        assert (options["CLIP_stop_at_last_layers"], options["randn_source"]) == (2, "CPU")
+        status, answer = call(url, "/sdapi/v1/txt2img", {**request, "sampler_name": "Euler a"})
+        expected = a1111(pipe, "a house", steps=3, seed=2, clip_skip=2, ensd=31337, rng="CPU",
+                         sampler="Euler a")[0]  # fmt: skip
+        assert status == 200 and same_pixels(images_of(answer)[0], expected)
+        assert "Clip skip: 2" in images_of(answer)[0].info["parameters"]
+        # a request's override_settings still win over the server's options
+        override = {**request, "override_settings": {"CLIP_stop_at_last_layers": 1, "randn_source": "GPU",
+                                                     "eta_noise_seed_delta": 0}}  # fmt: skip
+        assert same_pixels(images_of(call(url, "/sdapi/v1/txt2img", override)[1])[0], a1111(pipe, "a house",
+                           steps=3, seed=2)[0])  # fmt: skip
+        status, answer = call(url, "/sdapi/v1/options", {"CLIP_stop_at_last_layers": "two"})
+        assert status == 400 and "CLIP_stop_at_last_layers must be int" in answer["detail"]
+        status, answer = call(url, "/sdapi/v1/options", {"sd_model_checkpoint": "nope.safetensors"})
+        assert status == 400 and "model 'nope.safetensors' not found" in answer["detail"]
+        assert call(url, "/sdapi/v1/options", {"sd_model_checkpoint": "tiny [0123456789]"})[0] == 200
+    finally:
+        call(url, "/sdapi/v1/options", {"CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,
+                                        "randn_source": "GPU"})  # fmt: skip
 
 
 def test_an_oversized_body_is_refused_unread(served):
@@ -295,7 +403,8 @@ def test_a_request_as_a1111_clients_send_it(served):
 def test_png_info_reads_an_infotext_as_a1111(served):
     url, _ = served
     _, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "a pier, (fog:1.2)", "negative_prompt": "rain",
-                                                "seed": 12, "steps": 2, **SIZE})  # fmt: skip
+                                                "seed": 12, "steps": 2, "sampler_name": "DPM++ 2M",
+                                                **SIZE})  # fmt: skip
     status, info = call(url, "/sdapi/v1/png-info", {"image": answer["images"][0]})
     assert status == 200 and info["info"] == images_of(answer)[0].info["parameters"]
     parameters = info["parameters"]
@@ -320,27 +429,85 @@ def test_long_prompts_are_whole_and_unapplied_tags_are_reported(served):
     assert any("<hypernet:x:1>" in w for w in json.loads(answer["info"])["warnings"])
 
 
+def _wait_for_step(url: str, step: int, deadline_s: float = 60) -> dict:
+    deadline = time.monotonic() + deadline_s
+    progress = call(url, "/sdapi/v1/progress")[1]
+    while progress["state"]["sampling_step"] < step and time.monotonic() < deadline:
+        time.sleep(0.02)
+        progress = call(url, "/sdapi/v1/progress")[1]
+    return progress
+
+
 def test_progress_while_running_and_interrupt(served):
     url, _ = served
     results = {}
-    request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", **SIZE}
+    request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", "seed": 1, **SIZE}
     worker = threading.Thread(target=lambda: results.update(answer=call(url, "/sdapi/v1/txt2img", request)))
     worker.start()
-    deadline = time.monotonic() + 60
-    progress = call(url, "/sdapi/v1/progress")[1]
-    while progress["state"]["sampling_step"] < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-        progress = call(url, "/sdapi/v1/progress")[1]
+    progress = _wait_for_step(url, 3)
     assert progress["state"]["sampling_steps"] == 1000 and progress["state"]["job_count"] == 1
     assert 0 < progress["progress"] < 1 and progress["eta_relative"] > 0
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))  # the latents, as RGB
+    assert preview.size == (8, 8) and preview.mode == "RGB"
+    assert call(url, "/sdapi/v1/progress?skip_current_image=true")[1]["current_image"] is None
     assert call(url, "/sdapi/v1/interrupt", {})[0] == 200
     worker.join(60)
     status, answer = results["answer"]
-    assert status == 409 and "interrupted at step" in answer["detail"], answer
+    assert status == 200, answer  # A1111: the interrupted job answers with what it has
+    info = json.loads(answer["info"])
+    assert info["interrupted"] and info["all_seeds"] == [1] and len(answer["images"]) == 1
+    assert "Steps: 1000" in images_of(answer)[0].info["parameters"]
     after = call(url, "/sdapi/v1/progress")[1]
     assert after["state"]["job_count"] == 0 and after["progress"] == 0
     # The next job runs normally: the interrupt belonged to the one before.
     assert call(url, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, **SIZE})[0] == 200
+
+
+def test_skip_ends_a_batch_and_the_job_goes_on(served):
+    url, _ = served
+    results = {}
+    request = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", "seed": 5, "n_iter": 2, **SIZE}
+    worker = threading.Thread(target=lambda: results.update(answer=call(url, "/sdapi/v1/txt2img", request)))
+    worker.start()
+    _wait_for_step(url, 3)
+    assert call(url, "/sdapi/v1/skip", {})[0] == 200
+    deadline = time.monotonic() + 60
+    while call(url, "/sdapi/v1/progress")[1]["state"]["job_no"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert call(url, "/sdapi/v1/interrupt", {})[0] == 200
+    worker.join(60)
+    status, answer = results["answer"]
+    assert status == 200 and json.loads(answer["info"])["all_seeds"] == [5, 6], answer
+
+
+def test_waiting_clients_see_their_place_in_the_queue(served):
+    url, _ = served
+    results: dict[str, tuple] = {}
+    slow = {"prompt": "slow", "steps": 1000, "sampler_name": "Euler", **SIZE}
+    threads = [threading.Thread(target=lambda: results.update(first=call(url, "/sdapi/v1/txt2img", slow)))]
+    threads[0].start()
+    _wait_for_step(url, 1)
+    for name in ("second", "third"):
+        body = {"prompt": name, "steps": 1, "force_task_id": name, **SIZE}
+        threads.append(threading.Thread(target=lambda n=name, b=body: results.update({n: call(
+            url, "/sdapi/v1/txt2img", b)})))  # fmt: skip
+        threads[-1].start()
+        deadline = time.monotonic() + 30
+        while call(url, f"/sdapi/v1/progress?id_task={name}")[1]["queue_position"] is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    progress = call(url, "/sdapi/v1/progress?id_task=third")[1]
+    assert [q["id_task"] for q in progress["queue"]] == ["second", "third"] and progress[
+        "queue_position"
+    ] == 2
+    assert progress["state"]["queue_size"] == 2
+    status, internal = call(url, "/internal/progress", {"id_task": "second", "id_live_preview": -1})
+    assert status == 200 and internal["queued"] and not internal["active"] and internal["queue_position"] == 1
+    call(url, "/sdapi/v1/interrupt", {})
+    for thread in threads:
+        thread.join(60)
+    assert all(results[name][0] == 200 for name in ("first", "second", "third")), results
+    assert call(url, "/internal/progress", {"id_task": "third"})[1]["completed"]
 
 
 def test_serve_defaults_to_this_machine_only():
@@ -414,3 +581,118 @@ def test_sd_serve_end_to_end_with_the_built_in_model(tmp_path):
             pytest.fail("sd serve did not stop on SIGINT; its stderr and threads:\n" + "".join(lines))
         reader.join(timeout=10)
     assert process.returncode == 0 and "sd serve: stopped" in "".join(lines), lines
+
+
+def _serve_folders(tmp_path):
+    """A server over a models folder in A1111's layout: two checkpoints, a VAE, a LoRA."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sd.checkpoints import model_hash
+    from sd.testing import ldm_state_dict
+    from sd.weights import load_models, save_checkpoint
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    (models / "VAE").mkdir()
+    (models / "Lora").mkdir()
+    first, second = (models / "Stable-diffusion" / f"{n}.safetensors" for n in ("one", "two"))
+    save_checkpoint(random_models(TINY, seed=1), first, TINY)
+    save_checkpoint(random_models(TINY, seed=2), second, TINY)
+    state = ldm_state_dict(random_models(TINY, seed=3))
+    vae = {
+        k.removeprefix("first_stage_model."): v
+        for k, v in state.items()
+        if k.startswith("first_stage_model.")
+    }
+    save_file(vae, str(models / "VAE" / "mse.safetensors"))
+    lora = {"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}
+    save_file(
+        lora, str(models / "Lora" / "ink_v2.safetensors"), {"ss_output_name": "ink", "ss_network_dim": "4"}
+    )
+
+    def loader(path):
+        return Pipeline(load_models(path), model_name=path.stem, model_hash=model_hash(path))
+
+    pipe = loader(first)
+    pipe.lora_dir = models / "Lora"
+    pipe.vae_dir = models / "VAE"
+    server = make_server(Service(pipe, models_dir=models, checkpoint=first, loader=loader), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", models
+
+
+def test_checkpoints_vaes_and_loras_from_the_models_folder(tmp_path):
+    server, url, models = _serve_folders(tmp_path)
+    try:
+        listed = call(url, "/sdapi/v1/sd-models")[1]
+        assert [m["model_name"] for m in listed] == ["one", "two"]
+        assert listed[0]["title"].startswith("one.safetensors [") and listed[0]["sha256"]
+        request = {"prompt": "a cat", "seed": 3, "steps": 2, "sampler_name": "Euler", **SIZE}
+        one = images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0]
+        # for one request, then back (override_settings_restore_afterwards, A1111's default)
+        answer = call(
+            url, "/sdapi/v1/txt2img", {**request, "override_settings": {"sd_model_checkpoint": "two"}}
+        )[1]
+        two = images_of(answer)[0]
+        assert "Model: two" in two.info["parameters"] and not same_pixels(two, np.asarray(one))
+        assert call(url, "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("one.safetensors")
+        # for good: POST /options
+        assert call(url, "/sdapi/v1/options", {"sd_model_checkpoint": "two.safetensors"})[0] == 200
+        assert call(url, "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("two.safetensors")
+        assert same_pixels(images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0], np.asarray(two))
+        assert [m["model_name"] for m in call(url, "/sdapi/v1/sd-models")[1]] == ["two", "one"]
+        # the VAE: listed, swapped in by name, and back
+        assert call(url, "/sdapi/v1/sd-vae")[1] == [
+            {"model_name": "mse.safetensors", "filename": str(models / "VAE" / "mse.safetensors")}
+        ]
+        assert call(url, "/sdapi/v1/options", {"sd_vae": "mse.safetensors"})[0] == 200
+        assert call(url, "/sdapi/v1/options")[1]["sd_vae"] == "mse.safetensors"
+        swapped = images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0]
+        assert "VAE: mse.safetensors" in swapped.info["parameters"] and not same_pixels(
+            swapped, np.asarray(two)
+        )
+        assert call(url, "/sdapi/v1/options", {"sd_vae": "Automatic"})[0] == 200
+        assert same_pixels(images_of(call(url, "/sdapi/v1/txt2img", request)[1])[0], np.asarray(two))
+        status, answer = call(url, "/sdapi/v1/options", {"sd_vae": "none-such.pt"})
+        assert status == 400 and "none-such.pt" in answer["detail"]
+        # LoRAs as A1111's Lora extension lists them
+        (lora,) = call(url, "/sdapi/v1/loras")[1]
+        assert (lora["name"], lora["alias"], lora["metadata"]["ss_network_dim"]) == ("ink_v2", "ink", "4")
+        assert lora["path"] == str(models / "Lora" / "ink_v2.safetensors")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_hires_fix_through_the_server(served):
+    url, pipe = served
+    request = {"prompt": "a boat", "seed": 4, "steps": 2, "sampler_name": "Euler", "enable_hr": True,
+               "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 2,
+               **SIZE}  # fmt: skip
+    status, answer = call(url, "/sdapi/v1/txt2img", request)
+    assert status == 200, answer
+    expected = a1111(pipe, "a boat", steps=2, seed=4, enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                     strength=0.6, hr_second_pass_steps=2)[0]  # fmt: skip
+    got = images_of(answer)[0]
+    assert got.size == (96, 96) and same_pixels(got, expected)
+    assert json.loads(answer["info"])["ignored_fields"] == []
+
+
+def test_a1111_request_details(served):
+    """send_images, styles, sampler_index alone, steps null, and infotext filling the fields not given."""
+    url, pipe = served
+    base = {"prompt": "a kite", "seed": 8, "steps": 2, **SIZE}
+    status, answer = call(url, "/sdapi/v1/txt2img", {**base, "send_images": False, "styles": ["mine"]})
+    info = json.loads(answer["info"])
+    assert status == 200 and answer["images"] == [] and info["all_seeds"] == [8]
+    assert info["ignored_fields"] == ["send_images", "styles"]
+    by_index = call(url, "/sdapi/v1/txt2img", {**base, "sampler_index": "Euler a"})[1]
+    assert same_pixels(images_of(by_index)[0], a1111(pipe, "a kite", steps=2, seed=8, sampler="Euler a")[0])
+    status, answer = call(url, "/sdapi/v1/txt2img", {**base, "steps": None, "sampler_name": "DDIM"})
+    assert status == 200 and "Steps: 50," in images_of(answer)[0].info["parameters"]  # A1111's default
+    text = images_of(by_index)[0].info["parameters"]
+    status, again = call(url, "/sdapi/v1/txt2img", {"infotext": text, "steps": 3})  # steps given: 3 wins
+    assert status == 200, again
+    expected = a1111(pipe, "a kite", steps=3, seed=8, sampler="Euler a")[0]
+    assert same_pixels(images_of(again)[0], expected)

@@ -140,6 +140,8 @@ class _Compiler:
         load: Callable[[str], nn.Module] | None = None,
     ):
         self.directory = directory
+        self.precision = precision
+        self.blob_cache = blob_cache
         self.dynamic = dynamic
         self.load = load  # component name -> its module with weights, for weightless stand-ins
         self.core = ov.Core()
@@ -151,6 +153,13 @@ class _Compiler:
             # One folder per precision: OpenVINO 2026.4 keys its blobs without the precision hint, and an
             # f32 blob imported with the bf16 hint computes garbage (U-Net step relative error > 1).
             self.config["CACHE_DIR"] = str(directory / "compiled" / precision)
+
+    def derived(self, weights_id: str) -> _Compiler:
+        """A compiler for other weights of the same models (a LoRA merged, another VAE): its IR goes to a
+        sibling folder named by `weights_id`, so each set is converted once and found again on disk."""
+        tag = hashlib.sha256(weights_id.encode()).hexdigest()[:12]
+        return _Compiler(self.directory.with_name(f"{self.directory.name}-{tag}"), self.precision,
+                         self.dynamic, self.blob_cache, self.load)  # fmt: skip
 
     def has_ir(self, stem: str) -> bool:
         return (self.directory / f"{stem}.xml").exists()
@@ -206,10 +215,27 @@ class OpenVINOModule:
         self.config = module.config
         self.schedule = getattr(module, "schedule", None)
         self.module: nn.Module | None = module
-        self._compiler = compiler
+        self._compiler = self._base_compiler = compiler
+        self._prepare: Callable[[nn.Module], None] | None = None  # applied to a module loaded for rebind
         self._compiled: dict[str, Any] = {}
         if self.single_graph and compiler.has_ir(self.name):
             self.module = None  # a second run: the IR on disk is all it needs
+
+    def rebind(self, weights_id: str | None, prepare: Callable[[nn.Module], None] | None) -> None:
+        """Run other weights from now on: the checkpoint's module with `prepare(module)` applied (a LoRA
+        merged into it, another VAE loaded), converted once into IR cached under `weights_id`; (None,
+        None) goes back to the checkpoint's own. The weights are read again from the checkpoint, so this
+        needs `compile_checkpoint` (or `compile_models(..., load=)`)."""
+        if self._base_compiler.load is None:
+            raise ValueError(
+                f"changing the {self.name} weights (LoRA, VAE) of OpenVINO models needs them loadable again: "
+                "use compile_checkpoint(path) (as `sd --backend openvino` does), or compile_models(load=)"
+            )
+        compiler = self._base_compiler.derived(weights_id) if weights_id else self._base_compiler
+        if compiler.directory == self._compiler.directory:
+            return
+        self._compiler, self._prepare, self._compiled = compiler, prepare, {}
+        self.module = None  # loaded (and prepared) by _graph only if this IR is not on disk yet
 
     def to(self, *args: object, **kwargs: object) -> OpenVINOModule:
         return self
@@ -239,13 +265,15 @@ class OpenVINOModule:
         return [torch.from_numpy(out) for out in self._compiled[key](arrays).to_tuple()]
 
     def _graph(self, variant: str) -> nn.Module:
-        if self.module is None:
-            raise RuntimeError(
-                f"OpenVINO IR of {self.name} vanished from {self._compiler.directory} after its torch "
-                "module was released: call compile_models again"
-            )
-        if _weightless(self.module):  # a meta-device stand-in: its weights are read now, when needed
+        if self.module is None or _weightless(self.module):  # weights are read now, when needed
+            if self._compiler.load is None:
+                raise RuntimeError(
+                    f"OpenVINO IR of {self.name} vanished from {self._compiler.directory} after its torch "
+                    "module was released: call compile_models again"
+                )
             self.module = self._compiler.load(self.name)
+            if self._prepare is not None:
+                self._prepare(self.module)
         return self.graph(variant)
 
 

@@ -38,7 +38,8 @@ def kind_of(tensors: Mapping[str, torch.Tensor]) -> str | None:
     return "lokr" if w1 and w2 else None
 
 
-def _scale(tensors: Mapping[str, torch.Tensor], rank: int | None) -> float:
+def network_scale(tensors: Mapping[str, torch.Tensor], rank: int | None) -> float:
+    """A module's factor: its "scale" tensor, else alpha / rank, else 1."""
     if "scale" in tensors:
         return float(tensors["scale"])
     alpha = float(tensors["alpha"]) if "alpha" in tensors else 0.0
@@ -100,7 +101,7 @@ def delta_weight(tensors: Mapping[str, torch.Tensor], shape: torch.Size | tuple[
         raise ValueError(
             f"its {kind} weights make {tuple(delta.shape)}, the layer's weight is {tuple(shape)}"
         )
-    return delta.reshape(shape) * _scale(tensors, rank)
+    return delta.reshape(shape) * network_scale(tensors, rank)
 
 
 def dora(delta: torch.Tensor, weight: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
