@@ -325,3 +325,49 @@ def test_cli_inpaint_outpaint_and_replay(tmp_path, monkeypatch, capsys) -> None:
     capsys.readouterr()
     assert main(["generate", "x", "--mask", "mask.png"]) != 0
     assert "--mask and --outpaint need --init-image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("a1111", [False, True], ids=["diffusers", "a1111"])
+def test_final_latents_keep_the_init_latents_outside_the_latent_mask(models, a1111: bool) -> None:
+    """Both blends end on the clean init latents where the latent mask is 0 (diffusers: after its last step;
+    A1111: `samples * nmask + init_latent * mask` after sampling), bit for bit; the latent mask is A1111's
+    (PIL resize of the mask, rounded) or diffusers' (binarised, nearest)."""
+    if models[0] != 4:
+        pytest.skip("the blends are the 4-channel model's")
+    pipe = Pipeline(models[1])
+    seen = {}
+    decode = pipe.decode
+    pipe.decode = lambda latents, truncate=False: decode(seen.setdefault("latents", latents), truncate)
+    image, mask = picture(), rectangle()
+    sampler = "Euler a" if a1111 else "euler_a"
+    pipe.inpaint(
+        image, mask, PROMPT, strength=0.7, steps=3, seed=8, sampler=sampler, mask_blur=0, a1111=a1111
+    )
+    clean = pipe.encode_image(image, None)
+    if a1111:
+        small = np.asarray(mask.convert("RGB").resize((8, 8)), dtype=np.float32)[..., 0] / 255
+        known = torch.from_numpy(np.around(small) == 0)
+    else:
+        known = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(mask) >= 128).float()[None, None],
+                                                size=(8, 8))[0, 0] == 0  # fmt: skip
+        # diffusers' init latents: a VAE sample, the generator's first draw
+        clean = pipe.encode_image(image, torch.Generator().manual_seed(8))
+    assert known.any() and (~known).any()
+    assert torch.equal(seen["latents"][:, :, known], clean[:, :, known])
+
+
+def test_only_masked_on_a_large_photo_works_on_the_crop(models) -> None:
+    """A 2048x2048 photo inpainted "only masked" at 64x64: the models see the crop's latents only."""
+    if models[0] != 4:
+        pytest.skip("one model is enough")
+    photo = picture(2048, 2048)
+    mask = rectangle(2048, 2048, (1500, 200, 1600, 330))
+    shapes = []
+    keep = lambda step: shapes.append(step.latents.shape)  # noqa: E731
+    only = dict(inpaint_full_res=True, width=64, height=64, mask_blur=0)
+    out = Pipeline(models[1]).inpaint(
+        photo, mask, PROMPT, strength=0.6, steps=2, seed=1, callback=keep, **only
+    )
+    assert out[0].size == (2048, 2048) and set(shapes) == {torch.Size([1, 4, 8, 8])}
+    inside = np.asarray(mask) > 0
+    assert (np.asarray(out[0])[~inside] == np.asarray(photo)[~inside]).all()
