@@ -60,7 +60,7 @@ class Row:
 
     key: str  # what --rows takes
     title: str
-    kind: str  # unet | decode | encode | text | txt2img | cold | big-decode | hires
+    kind: str  # unet | decode | encode | text | txt2img | cold | big-decode | hires | inpaint
     size: int = 0  # image side in pixels
     quick: bool = True  # part of --quick
     fresh: bool = False  # measured in a fresh process per run (time and peak RSS)
@@ -93,6 +93,10 @@ ROWS = (
         fresh=True,
     ),
 )
+# Inpainting 512² (a centred 256² mask, strength 0.75, 20 steps DPM++ 2M, the 4-channel blend) in diffusers'
+# way on both sides: diffusers' StableDiffusionInpaintPipeline, which ours equals (tests/test_inpaint.py).
+ROWS += (Row("inpaint512", f"inpaint 512², {STEPS} steps DPM++ 2M, strength 0.75", "inpaint", 512,
+             quick=False, fresh=True),)  # fmt: skip
 MODULE_KINDS = ("unet", "decode", "encode", "text")
 
 Inputs = dict[str, torch.Tensor]
@@ -511,11 +515,19 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
         bench.release()
     for row in rows:
         precisions = list(dict.fromkeys(m.precision for m in sides))[: 1 if args.quick else None]
-        rounds = 1 if (args.quick or row.kind in ("txt2img", "big-decode", "hires")) else args.cold_repeats
+        rounds = (
+            1
+            if (args.quick or row.kind in ("txt2img", "big-decode", "hires", "inpaint"))
+            else args.cold_repeats
+        )
         for precision in precisions:
             log(f"{row.key} ({precision}, fresh process per run)")
             contenders = [m for m in sides if m.precision == precision]
-            if row.kind in ("big-decode", "hires"):  # the OpenVINO backend: whole images at compiled sizes
+            if row.kind in (
+                "big-decode",
+                "hires",
+                "inpaint",
+            ):  # the OpenVINO backend: whole images at compiled sizes
                 contenders = [m for m in contenders if m.worker != "ours-openvino"]
             measured = {m.name: Result(row.key, m.name, m.family, precision) for m in contenders}
             for _ in range(rounds):
@@ -535,7 +547,12 @@ def run_fresh(bench: Bench, rows: list[Row], modes: list[Mode], args: argparse.N
                         "threads": torch.get_num_threads(),
                         "openvino_cache": str(bench.workdir / OPENVINO_CACHE),
                     }
-                    timed = {"txt2img": "image", "big-decode": "decode", "hires": "image"}.get(row.kind)
+                    timed = {
+                        "txt2img": "image",
+                        "big-decode": "decode",
+                        "hires": "image",
+                        "inpaint": "image",
+                    }.get(row.kind)
                     fresh_run(task, measured[mode.name], timed)
             results += measured.values()
     return results
