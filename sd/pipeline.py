@@ -705,6 +705,8 @@ class Pipeline:
 
         Unset sizes (None) become the model's own (txt2img) or the image's rounded down to a multiple of
         the VAE's downscale (img2img, as diffusers does)."""
+        if image is None and mask is not None:
+            raise ValueError("a mask needs the image it belongs to")
         if image is None:
             width, height = params.width or self.native_size, params.height or self.native_size
         else:
@@ -866,6 +868,12 @@ class Pipeline:
         )
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed, width,
                                   height, strength, clip_skip, inpaint=settings, a1111=a1111)  # fmt: skip
+        if a1111:  # our sampler names read as A1111's ("dpmpp_2m" is "DPM++ 2M"), as sd generate does
+            from .params import a1111_sampler
+
+            label, named = a1111_sampler(sampler)
+            params = replace(params, sampler=label, karras=False,
+                             schedule="Karras" if karras else (named or "Automatic"))  # fmt: skip
         return self.run(params, image, num_images, eta, callback, mask=mask, composite=composite)
 
     def outpaint(
