@@ -142,20 +142,26 @@ def _touches(file: LoraFile, component: str) -> bool:
     return any(m.component == component for m in file.modules)
 
 
-class RebindingMerger:
-    """WeightMerger's interface for models that run converted weights (the OpenVINO backend): a set is
-    handed to each component's `rebind(weights_id, prepare)`, which merges it into freshly read torch
-    weights and converts them once, cached under an id made of the files' hashes and strengths."""
+class RebindingMerger(NetworkSet):
+    """A LoRA set for models that run converted weights (the OpenVINO backend): handed to each component's
+    `rebind(weights_id, prepare)`, which merges it into freshly read torch weights and converts them once,
+    cached under an id made of the files' hashes and strengths."""
 
     def __init__(self, models: Mapping[str, nn.Module]):
-        self.models = models
-        self._merged: dict[str, tuple] = {}
+        super().__init__(models)
+        self._rebound: dict[str, tuple] = {}  # component -> the id its module now runs
 
-    def apply(self, loras: Sequence[ActiveLora]) -> None:
+    def restore(self) -> None:
+        self._install([])
+        self._applied = ()
+
+    def _install(self, loras: Sequence[ActiveLora]) -> None:
+        # Only a new set gets here (NetworkSet.apply skips the one in place), so files are hashed per set,
+        # not per image.
         for component in ("clip", "diffusion"):
             used = [a for a in loras if a.multiplier(component) and _touches(a.file, component)]
             key = tuple((file_sha256(a.file.path), a.multiplier(component)) for a in used)
-            if key == self._merged.get(component, ()):
+            if key == self._rebound.get(component, ()):
                 continue
             module = self.models[component]
             if key:
@@ -166,7 +172,4 @@ class RebindingMerger:
                 module.rebind(f"lora {key}", prepare)
             else:
                 module.rebind(None, None)
-            self._merged[component] = key
-
-    def restore(self) -> None:
-        self.apply([])
+            self._rebound[component] = key
