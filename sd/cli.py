@@ -357,9 +357,10 @@ def lora_options(args: argparse.Namespace) -> list[tuple[Path, float | tuple[flo
     return out
 
 
-def load_pipeline(args: argparse.Namespace):
-    """The Pipeline that --ckpt, --device, --dtype, --backend and --vae-tiling ask for (with no
-    checkpoint anywhere: the built-in model, said in one line)."""
+def load_pipeline(args: argparse.Namespace, vae: Path | None = None):
+    """The Pipeline that --ckpt, --device, --dtype, --backend, --vae and --vae-tiling ask for (with no
+    checkpoint anywhere: the built-in model, said in one line); `vae`: the VAE file already resolved
+    (vae_option), else the one --vae names."""
     import torch
 
     from .checkpoints import BUILTIN_MODEL, builtin_notice, find_checkpoint, missing_checkpoint_message
@@ -395,7 +396,7 @@ def load_pipeline(args: argparse.Namespace):
     pipe.vae_dir = vae_dir(args)
     if getattr(args, "lora_mode", "merged") == "unmerged":
         pipe.set_loras([], merge=False)  # prompt tags too are kept out of the weights from now on
-    vae = vae_option(args)
+    vae = vae or vae_option(args)
     if vae is not None:
         pipe.set_vae(vae)
     pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
@@ -442,9 +443,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     keep = [params.batch_pos] if replay_batch and args.num is None and num > 1 else None
     loras = lora_options(args)
     vae = vae_option(args, params.vae if args.from_png else None)
-    pipe = load_pipeline(args)
-    if vae is not None:
-        pipe.set_vae(vae)
+    pipe = load_pipeline(args, vae)
     if loras:
         pipe.set_loras(loras, merge=args.lora_mode == "merged")
     if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
