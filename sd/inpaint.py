@@ -221,22 +221,20 @@ def expand_crop_region(
     the image (A1111's expand_crop_region, its integer steps)."""
     x1, y1, x2, y2 = box
     if (x2 - x1) / (y2 - y1) > width / height:
-        grow = int((x2 - x1) / (width / height) - (y2 - y1))
-        y1, y2 = y1 - grow // 2, y2 + grow - grow // 2
-        if y2 >= image_height:
-            y1, y2 = y1 - (y2 - image_height), image_height
-        if y1 < 0:
-            y1, y2 = 0, y2 - y1
-        y2 = min(y2, image_height)
+        y1, y2 = _grow_span(y1, y2, int((x2 - x1) / (width / height) - (y2 - y1)), image_height)
     else:
-        grow = int((y2 - y1) * (width / height) - (x2 - x1))
-        x1, x2 = x1 - grow // 2, x2 + grow - grow // 2
-        if x2 >= image_width:
-            x1, x2 = x1 - (x2 - image_width), image_width
-        if x1 < 0:
-            x1, x2 = 0, x2 - x1
-        x2 = min(x2, image_width)
+        x1, x2 = _grow_span(x1, x2, int((y2 - y1) * (width / height) - (x2 - x1)), image_width)
     return x1, y1, x2, y2
+
+
+def _grow_span(start: int, end: int, grow: int, limit: int) -> tuple[int, int]:
+    """[start, end) widened by `grow` (half each side), shifted back inside [0, limit), then clipped."""
+    start, end = start - grow // 2, end + grow - grow // 2
+    if end >= limit:
+        start, end = start - (end - limit), limit
+    if start < 0:
+        start, end = 0, end - start
+    return start, min(end, limit)
 
 
 def resize_image(mode: int, image: Image.Image, width: int, height: int) -> Image.Image:
