@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .decoder import Decoder
 from .encoder import Encoder
 from .keymap import VAE_PREFIX, diffusers_key_map, normalize_vae_key, split_ldm_key, vae_reshape_keys
-from .weights import load_torch_file
+from .weights import read_tensor_file
 
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 # A1111's sd_vae option values that name no file.
@@ -99,23 +99,10 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
                                f"{_DIFFUSERS_WEIGHTS[0]})")  # fmt: skip
         _check_diffusers_config(path / "config.json")
         path = weights[0]
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        except (SafetensorError, OSError) as error:
-            raise VAEFileError(f"{path}: cannot read safetensors ({error})") from None
     try:
-        data = load_torch_file(path)
-    except ValueError as error:  # CheckpointError: a pickle that needs code, or no pickle at all
+        return read_tensor_file(path, "VAE")[0]
+    except ValueError as error:  # CheckpointError: unreadable, or a pickle that needs code
         raise VAEFileError(str(error)) from None
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-        data = data["state_dict"]
-    if not isinstance(data, Mapping):
-        raise VAEFileError(f"{path}: not a VAE file (holds a {type(data).__name__}, not a dict of tensors)")
-    return {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
 def _check_diffusers_config(path: Path) -> None:

@@ -571,6 +571,31 @@ def load_torch_file(path: str | os.PathLike[str]) -> Any:
     return _torch_load(str(path))
 
 
+def read_tensor_file(
+    path: str | os.PathLike[str], what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of a small weights file (a LoRA, a VAE): `.safetensors` by its
+    suffix, anything else through load_torch_file, a `state_dict` wrapper unwrapped. CheckpointError (one
+    line, naming the file as the `what` it should be) when it cannot be read."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: cannot read safetensors ({error})") from None
+    data = load_torch_file(path)
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        held = type(data).__name__
+        raise CheckpointError(f"{path}: not a {what} file (holds a {held}, not a dict of tensors)")
+    return {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+
+
 class _FileMapping:
     """Page-level help for reading tensors out of torch.load's private mapping of a .ckpt file.
 

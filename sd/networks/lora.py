@@ -35,7 +35,7 @@ from ..keymap import (
     LORA_PEFT_PREFIXES,
     lora_module_names,
 )
-from ..weights import CheckpointError, load_torch_file
+from ..weights import CheckpointError, read_tensor_file
 from .deltas import kind_of
 
 log = logging.getLogger("sd")
@@ -111,29 +111,12 @@ def _split(key: str) -> tuple[str, str] | None:
 def read_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, safetensors metadata) of a LoRA file; ValueError (one line) when it cannot be read."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = dict(f.metadata() or {})
-                return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (not a dict)
-        except (SafetensorError, OSError) as error:
-            raise ValueError(f"{path}: cannot read safetensors ({error})") from None
-    if suffix in (".pt", ".ckpt", ".bin", ".pth"):
-        try:
-            data = load_torch_file(path)
-        except CheckpointError as error:
-            raise ValueError(str(error)) from None
-        if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-            data = data["state_dict"]
-        if not isinstance(data, Mapping):
-            raise ValueError(
-                f"{path}: not a LoRA file (holds a {type(data).__name__}, not a dict of tensors)"
-            )
-        return {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
-    raise ValueError(f"{path}: not a LoRA file (expected {', '.join(LORA_SUFFIXES)})")
+    if path.suffix.lower() not in (".safetensors", ".pt", ".ckpt", ".bin", ".pth"):
+        raise ValueError(f"{path}: not a LoRA file (expected {', '.join(LORA_SUFFIXES)})")
+    try:
+        return read_tensor_file(path, "LoRA")
+    except CheckpointError as error:
+        raise ValueError(str(error)) from None
 
 
 def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, Any]:
