@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -221,11 +222,22 @@ BAD_REQUESTS = {
         {"enable_hr": True, "hr_scale": 0.5},
         "hires scale must be at least 1, got 0.5",
     ),
-    "inpainting": (
+    "latent mask": (
         "img2img",
-        {"init_images": [RED_PNG], "mask": RED_PNG},
-        "mask: inpainting is not supported",
+        {"init_images": [RED_PNG], "mask": RED_PNG, "latent_mask": RED_PNG},
+        "latent_mask: a separate latent mask is not supported yet",
     ),
+    "soft inpainting": (
+        "img2img",
+        {"init_images": [RED_PNG], "mask": RED_PNG, "mask_round": False},
+        "mask_round: an unrounded latent mask",
+    ),
+    "bad masked content": (
+        "img2img",
+        {"init_images": [RED_PNG], "mask": RED_PNG, "inpainting_fill": 7},
+        "inpainting_fill must be 0..3",
+    ),
+    "mask not an image": ("img2img", {"init_images": [RED_PNG], "mask": NOT_AN_IMAGE}, "mask"),
     "unknown noise source": ("txt2img", {"override_settings": {"randn_source": "TPU"}}, "RNG source"),
     "ENSD not a number": ("txt2img", {"override_settings": {"eta_noise_seed_delta": "x"}}, "must be int"),
     "subseed strength not a number": ("txt2img", {"subseed_strength": "a lot"}, "subseed_strength: Input"),
@@ -677,6 +689,75 @@ def test_hires_fix_through_the_server(served):
     got = images_of(answer)[0]
     assert got.size == (96, 96) and same_pixels(got, expected)
     assert json.loads(answer["info"])["ignored_fields"] == []
+
+
+def _png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_inpainting_through_the_server(served):
+    """img2img's mask fields as A1111 reads them (its API defaults: blur 4, "fill", only masked, padding
+    0), the same pixels as Pipeline.inpaint; without a mask the controls are listed as ignored."""
+    url, pipe = served
+    rng = np.random.default_rng(1)
+    source = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 40, 48))
+    base = {"prompt": "a hat", "init_images": [_png_b64(source)], "seed": 3, "steps": 3,
+            "denoising_strength": 0.8, **SIZE}  # fmt: skip
+    cases = [
+        ({}, dict(mask_blur=4, inpainting_fill=0, inpaint_full_res=True, inpaint_full_res_padding=0)),
+        ({"mask_blur": 0, "inpainting_fill": 1, "inpaint_full_res": False, "inpainting_mask_invert": 1},
+         dict(mask_blur=0, inpainting_fill=1, inpaint_full_res=False, inpainting_mask_invert=1)),
+        ({"mask_blur_x": 2, "mask_blur_y": 0, "inpainting_fill": 2, "inpaint_full_res": 0,
+          "inpaint_full_res_padding": 8}, dict(mask_blur_x=2, mask_blur_y=0, inpainting_fill=2)),
+    ]  # fmt: skip
+    results = []
+    for fields, keywords in cases:
+        status, answer = call(url, "/sdapi/v1/img2img", {**base, "mask": _png_b64(mask), **fields})
+        assert status == 200, answer
+        expected = pipe.inpaint(source, mask, "a hat", steps=3, seed=3, strength=0.8, sampler="Euler",
+                                cfg_scale=7.0, a1111=True, **SIZE, **keywords)[0]  # fmt: skip
+        got = images_of(answer)[0]
+        assert same_pixels(got, expected), fields
+        assert got.info["parameters"] == expected.info["parameters"]
+        assert json.loads(answer["info"])["ignored_fields"] == []
+        results.append(np.asarray(got.convert("RGB")))
+    kept = np.asarray(mask) == 255  # case 2: blur 0, inverted, so the painted area is the input's own
+    assert np.array_equal(results[1][kept], np.asarray(source)[kept])
+    assert not np.array_equal(results[1][~kept], np.asarray(source)[~kept])
+    status, answer = call(url, "/sdapi/v1/img2img", {**base, "mask_blur": 4, "inpainting_fill": 1})
+    assert status == 200 and json.loads(answer["info"])["ignored_fields"] == ["inpainting_fill", "mask_blur"]
+
+
+def test_the_inpainting_model_through_the_server():
+    """A 9-channel model: its mask weight from override_settings (A1111's option), and the answer says it
+    uses the inpainting conditioning."""
+    nine = replace(TINY, unet=replace(TINY.unet, in_channels=9))
+    pipe = Pipeline(random_models(nine), model_name="tiny9", model_hash="9999999999")
+    server = make_server(Service(pipe), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        source = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        request = {"prompt": "a door", "init_images": [_png_b64(source)], "mask": _png_b64(mask), "seed": 6,
+                   "steps": 2, "inpaint_full_res": False, **SIZE,
+                   "override_settings": {"inpainting_mask_weight": 0.5}}  # fmt: skip
+        status, answer = call(url, "/sdapi/v1/img2img", request)
+        assert status == 200, answer
+        assert json.loads(answer["info"])["is_using_inpainting_conditioning"] is True
+        expected = pipe.inpaint(source, mask, "a door", steps=2, seed=6, strength=0.75, sampler="Euler",
+                                cfg_scale=7.0, a1111=True, mask_blur=4, inpainting_fill=0,
+                                inpainting_mask_weight=0.5, **SIZE)[0]  # fmt: skip
+        got = images_of(answer)[0]
+        assert same_pixels(got, expected) and "Conditional mask weight: 0.5" in got.info["parameters"]
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a1111_request_details(served):

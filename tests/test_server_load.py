@@ -255,6 +255,18 @@ def test_webuiapi_as_its_users_call_it(pipe, served):
     assert again.info["denoising_strength"] == 0.5 and again.image.size == (64, 64)
     assert "Denoising strength: 0.5" in again.image.info["parameters"]
     assert api.png_info(result.image).info == expected.info["parameters"]
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 32))
+    inpainted = api.img2img(images=[result.image], mask_image=mask, prompt="a hole", seed=5, mask_blur=0,
+                            inpainting_fill=1, inpaint_full_res=False, denoising_strength=0.9,
+                            **SIZE)  # fmt: skip
+    expected = pipe.inpaint(result.image, mask, "a hole", steps=3, sampler="Euler a", seed=5, strength=0.9,
+                            cfg_scale=7.0, mask_blur=0, inpainting_fill=1, inpaint_full_res=False,
+                            a1111=True, **SIZE)[0]  # fmt: skip
+    assert _same(inpainted.image, expected) and "Mask blur" not in inpainted.image.info["parameters"]
+    outside = np.asarray(mask) == 0  # no blur: pixels outside the mask stay the input's
+    source = np.asarray(result.image.convert("RGB"))
+    assert np.array_equal(np.asarray(inpainted.image)[outside], source[outside])
     assert "DPM++ 2M" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
     assert api.util_get_current_model() == "tiny [0123456789]"
     assert api.util_get_model_names() == ["tiny [0123456789]"]

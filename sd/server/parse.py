@@ -24,6 +24,7 @@ from ..config import SD15
 from ..hires import upscaler_label
 from ..images import image_from_bytes, read_png_parameters
 from ..infotext import parse_infotext
+from ..inpaint import InpaintSettings
 from ..noise import check_source
 from ..params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
 from ..pipeline import check_hires_settings, check_settings, check_size, model_calls, new_seed
@@ -61,6 +62,7 @@ OPTIONS: dict[str, tuple[type | tuple[type, ...], Any, str | None]] = {
     "s_min_uncond": ((int, float), 0.0, None),  # A1111's NGMS: only 0 (off) is what we make
     "sd_model_checkpoint": (str, None, None),  # switches the model (sd.server.service)
     "sd_vae": (str, "Automatic", None),  # swaps the VAE where the pipeline can (sd.server.service)
+    "inpainting_mask_weight": ((int, float), 1.0, None),  # the 9-channel model's (InpaintSettings)
 }
 # Options that describe the server rather than the image: shown and stored, nothing to do.
 HARMLESS_OPTIONS: dict[str, Any] = {
@@ -77,8 +79,7 @@ HARMLESS_OPTIONS: dict[str, Any] = {
 }
 # Request fields that would change the image in a way we cannot make yet: refused when set.
 UNSUPPORTED_YET = {
-    "mask": "inpainting",
-    "latent_mask": "inpainting",
+    "latent_mask": "a separate latent mask",
     "restore_faces": "face restoration",
     "tiling": "tiling",
     "refiner_checkpoint": "a refiner",
@@ -103,6 +104,12 @@ HIRES_DEFAULTS: dict[str, Any] = {
     "firstphase_height": 0,
 }  # fmt: skip
 READ_TXT2IMG = READ | set(HIRES_DEFAULTS)
+# img2img's inpainting (sd.inpaint), A1111's API fields and its API's defaults (not its UI's: whole
+# picture, padding 32, "original"); read only with a mask, as A1111 does.
+INPAINT_DEFAULTS: dict[str, Any] = {
+    "mask_blur": None, "mask_blur_x": 4, "mask_blur_y": 4, "inpainting_fill": 0, "inpaint_full_res": True,
+    "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0, "mask_round": True,
+}  # fmt: skip
 READ_IMG2IMG = READ | {"init_images", "denoising_strength", "resize_mode", "initial_noise_multiplier"}
 RESIZE_MODES = {0: "Just resize", 1: "Crop and resize"}
 SCHEDULERS = {"automatic": False, "uniform": False, "karras": True}  # diffusers' way: A1111 name -> karras
@@ -125,6 +132,7 @@ class Request:
     n_iter: int
     eta: float  # diffusers' way only (A1111's way: params.eta)
     image: Image.Image | None = None  # img2img's input, resized as resize_mode says
+    mask: Image.Image | None = None  # inpainting's (its controls: params.inpaint)
     ignored: tuple[str, ...] = ()
     send_images: bool = True
     task_id: str | None = None
@@ -139,8 +147,9 @@ def typed(values: dict[str, Any], name: str, kind: type | tuple[type, ...], defa
     value = values.get(name)
     if value is None:
         return default
-    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
-        wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kind):
+        wanted = " or ".join(k.__name__ for k in kinds)
         raise BadRequestError(f"{name} must be {wanted}, got {json.dumps(value)[:80]}")
     if (isinstance(value, float) and value != value) or value in (float("inf"), float("-inf")):
         raise BadRequestError(f"{name} must be a finite number, got {value}")
@@ -302,7 +311,11 @@ def parse_request(
     if resize_mode not in RESIZE_MODES:
         modes = ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items())
         raise BadRequestError(f"resize_mode {resize_mode} is not supported yet; use {modes}")
-    read = READ_IMG2IMG if img2img else (READ_TXT2IMG if params.enable_hr else READ)
+    masked = img2img and bool(body.get("mask"))
+    if masked:
+        params = replace(params, inpaint=_inpaint_settings(get, option("inpainting_mask_weight")))
+    read = READ_IMG2IMG | (set(INPAINT_DEFAULTS) | {"mask"} if masked else set())
+    read = read if img2img else (READ_TXT2IMG if params.enable_hr else READ)
     unread = set(body) - read
     if way == "diffusers":  # A1111's own fields do nothing there
         unread |= {name for name in body if name.startswith(("subseed", "seed_resize", "s_"))}
@@ -349,9 +362,34 @@ def parse_request(
     except ValueError as error:
         raise BadRequestError(str(error)) from None
     if img2img:  # decoding last: cheap checks first
-        image = _resize(decode_image(images[0], "init_images[0]"), resize_mode, params.width, params.height)
-        request = replace(request, image=image)
+        image, mask = decode_image(images[0], "init_images[0]"), None
+        if masked:
+            mask = decode_image(body["mask"], "mask")
+        if not (masked and params.inpaint.inpaint_full_res):  # "only masked" crops the image as it is
+            image = _resize(image, resize_mode, params.width, params.height)
+            mask = mask and _resize(mask, resize_mode, params.width, params.height)
+        request = replace(request, image=image, mask=mask)
     return request
+
+
+def _inpaint_settings(get, mask_weight: float) -> InpaintSettings:
+    """img2img's mask controls, A1111's API fields (mask_blur, when given, sets both axes)."""
+    field = lambda name, kind: get(name, kind, INPAINT_DEFAULTS[name])  # noqa: E731
+    if not field("mask_round", bool):
+        raise BadRequestError("mask_round: an unrounded latent mask (soft inpainting) is not supported yet")
+    blur = field("mask_blur", int)
+    try:
+        return InpaintSettings(
+            mask_blur_x=field("mask_blur_x", int) if blur is None else blur,
+            mask_blur_y=field("mask_blur_y", int) if blur is None else blur,
+            inpainting_fill=field("inpainting_fill", int),
+            inpaint_full_res=bool(field("inpaint_full_res", (bool, int))),
+            inpaint_full_res_padding=field("inpaint_full_res_padding", int),
+            inpainting_mask_invert=bool(field("inpainting_mask_invert", (bool, int))),
+            mask_weight=float(mask_weight),
+        )
+    except ValueError as error:
+        raise BadRequestError(str(error)) from None
 
 
 def sampler_of(name: str, scheduler: str) -> tuple[str, bool]:

@@ -117,7 +117,8 @@ class Service:
                 job.batch, job.step = iteration, 0
                 params = _batch_params(request, iteration)
                 try:
-                    batch = pipe.run(params, request.image, request.batch_size, request.eta, progress)
+                    batch = pipe.run(params, request.image, request.batch_size, request.eta, progress,
+                                     mask=request.mask)  # fmt: skip
                 except JobInterruptedError as stop:  # A1111 keeps what the sampler had reached
                     if job.abandoned or stop.latents is None:
                         break
@@ -185,7 +186,8 @@ class Service:
             "styles": [],
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.queued_at)),
             "clip_skip": params.clip_skip,
-            "is_using_inpainting_conditioning": False,
+            # A1111: the model takes the mask and masked image as input (the 9-channel inpainting U-Net)
+            "is_using_inpainting_conditioning": self.pipe.config.unet.in_channels == 9,
             "version": "sd",
             "interrupted": job.interrupted.is_set(),
             "warnings": warnings,
