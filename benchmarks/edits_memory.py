@@ -1,12 +1,14 @@
-"""Peak memory of a 1024² hires pass's pieces beside today's 1024² decode, at SD1.5 size (random weights).
+"""Peak memory of the big edits beside today's 1024² decode, at SD1.5 size (random weights): a 1024² hires
+pass's pieces, and a 512² "only masked" inpaint of a 2048² photo.
 
-    python benchmarks/hires_memory.py            # SD1.5, fp32, CPU: about 2 minutes on 2 cores
-    python benchmarks/hires_memory.py --config tiny
+    python benchmarks/edits_memory.py            # SD1.5, fp32, CPU: about 3 minutes on 2 cores
+    python benchmarks/edits_memory.py --config tiny
 
 Each piece is measured from a reset high-water mark (Linux: /proc/self/clear_refs), in one process holding
 the four models: the final decode every 1024² image ends with, the VAE encode of the image upscalers'
-1024² input, and one CFG U-Net step (batch 2) on the second pass's 128² latents. The latent upscalers add
-an interpolation of the latents only.
+1024² input, one CFG U-Net step (batch 2) on the second pass's 128² latents (the latent upscalers add an
+interpolation of the latents only), and a whole inpaint (2 steps) of a 2048² photo with a small mask,
+"only masked" at 512²: the crop is worked on at 512², then pasted back into the 2048² image.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -35,6 +38,16 @@ def reset_peak() -> None:
         refs.write("5")
 
 
+def inpaint_photo(pipe: Pipeline, side: int) -> None:
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    mask = Image.new("L", photo.size, 0)
+    mask.paste(255, (side // 2, side // 2, side // 2 + side // 8, side // 2 + side // 8))
+    native = pipe.native_size
+    (out,) = pipe.inpaint(photo, mask, "a red circle", steps=2, strength=0.75, seed=0, sampler="euler",
+                          inpaint_full_res=True, width=native, height=native)  # fmt: skip
+    assert out.size == photo.size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("sd15", "tiny"), default="sd15")
@@ -52,6 +65,7 @@ def main() -> None:
         f"U-Net CFG step, 2x4x{latent}² (the second pass)": lambda: pipe.models["diffusion"](
             torch.randn(2, 4, latent, latent, generator=generator), context, torch.tensor([500.0])
         ),
+        f"inpaint {pipe.native_size}² of a {2 * size}² photo, only masked": lambda: inpaint_photo(pipe, 2 * size),
     }
     for name, run in pieces.items():
         reset_peak()
