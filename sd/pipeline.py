@@ -198,6 +198,8 @@ class Pipeline:
         self._loras: list[ActiveLora] = []  # set_loras' set; prompt tags add theirs per run
         self.active_loras: list[ActiveLora] = []  # merged into the weights now
         self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
+        # where the embeddings were read from, so reload_embeddings can read it again (None: given as is)
+        self.embeddings_source = None if isinstance(embeddings, Embeddings) else embeddings
         if not isinstance(embeddings, Embeddings):
             embeddings = self.load_embeddings(embeddings)
         self.embeddings = embeddings
@@ -254,6 +256,13 @@ class Pipeline:
             else:
                 raise FileNotFoundError(f"embeddings not found: {source}")
         return found
+
+    def reload_embeddings(self) -> None:
+        """Read the embeddings folder (or file) again, so files added, changed or removed since count
+        (A1111's refresh-embeddings); a folder that is gone leaves none."""
+        source = self.embeddings_source
+        if source is not None:
+            self.embeddings = self.load_embeddings(source if Path(source).expanduser().exists() else None)
 
     # --- components -------------------------------------------------------------------------------
 

@@ -634,6 +634,28 @@ def _serve_folders(tmp_path):
     return server, f"http://127.0.0.1:{server.server_address[1]}", models
 
 
+def test_refresh_embeddings_reads_the_folder_again(tmp_path):
+    import torch
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, TINY.clip.width)}}, folder / "first.pt")
+    pipe = Pipeline(random_models(TINY), model_name="tiny", embeddings=folder)
+    server = make_server(Service(pipe), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert set(call(url, "/sdapi/v1/embeddings")[1]["loaded"]) == {"first"}
+        torch.save({"string_to_param": {"*": torch.randn(1, TINY.clip.width)}}, folder / "second.pt")
+        (folder / "first.pt").unlink()
+        assert set(call(url, "/sdapi/v1/embeddings")[1]["loaded"]) == {"first"}  # until refreshed
+        assert call(url, "/sdapi/v1/refresh-embeddings", b"")[0] == 200
+        assert set(call(url, "/sdapi/v1/embeddings")[1]["loaded"]) == {"second"}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_checkpoints_vaes_and_loras_from_the_models_folder(tmp_path):
     server, url, models = _serve_folders(tmp_path)
     try:

@@ -294,10 +294,14 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
     for path, (function, shape) in listings.items():
         app.add_api_route(path, _listing(function), methods=["GET"], response_model=shape, tags=["listings"],
                           name=path.rsplit("/", 1)[1])  # fmt: skip
-    for path in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-vae",
-                 "/sdapi/v1/refresh-embeddings"):  # fmt: skip
+    for path in ("/sdapi/v1/refresh-checkpoints", "/sdapi/v1/refresh-loras", "/sdapi/v1/refresh-vae"):
         # Listings are read from disk on every call: there is nothing to refresh.
         app.add_api_route(path, _nothing, methods=["POST"], tags=["listings"], name=path.rsplit("/", 1)[1])
+
+    @app.post("/sdapi/v1/refresh-embeddings", tags=["listings"])
+    async def refresh_embeddings() -> None:
+        """Read the embeddings folder again (between jobs; this answers once done)."""
+        await asyncio.wrap_future(service.refresh_embeddings().future)
 
     guarded: Any = BodyGuard(app, limit=max_body, timeout=body_timeout)
     if cors_origins or cors_regex:

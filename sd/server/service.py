@@ -358,6 +358,10 @@ class Service:
 
         return self.queue.submit(Job(run, kind="options"))
 
+    def refresh_embeddings(self) -> Job:
+        """Read the embeddings folder again, on the worker (a running job keeps the ones it started with)."""
+        return self.queue.submit(Job(lambda job: self.pipe.reload_embeddings(), kind="refresh-embeddings"))
+
     def find_checkpoint(self, wanted: str) -> Checkpoint:
         current = self._current()
         if current.matches(wanted):
