@@ -8,7 +8,8 @@ known latents, each the way its reference does it.
 * A1111's way (processing.py, CFGDenoiser): the mask PIL-resized to latent size and rounded; the masked
   image blended with the original by `inpainting_mask_weight` and VAE-encoded (the posterior's mean: A1111
   samples it from an RNG the seed does not control); the *clean-image prediction* blended with the init
-  latents at every model call, and the final latents once more.
+  latents at every model call (DDIM, PLMS and UniPC: the U-Net's noisy *input*), and the final latents once
+  more.
 
 The 9-channel input is cat([x_t scaled for the U-Net, mask, masked-image latents]) for the negative and the
 positive halves alike (runwayml's hybrid conditioning, diffusers' order).
@@ -132,10 +133,14 @@ class InpaintJob:
         m = self.nmask.to(latents)
         latents.copy_((1 - m) * known + m * latents)
 
-    def blend_x0(self, denoised: torch.Tensor) -> torch.Tensor:
-        """A1111's blend of the clean-image prediction (CFGDenoiser, mask_before_denoising off)."""
-        m = self.nmask.to(denoised)
-        return denoised * m + self.clean.to(denoised) * (1 - m)
+    def blend(self, latents: torch.Tensor) -> torch.Tensor:
+        """A1111's blend, `latents·nmask + init_latent·(1 - nmask)` with the *clean* init latents, at every
+        model call (CFGDenoiser) and once on the final latents. The k-diffusion samplers blend the call's
+        clean-image prediction (mask_before_denoising off); DDIM, PLMS and UniPC blend the U-Net's *noisy*
+        input and step on from their own latents (on; later versions noise the init latents first, from
+        the global RNG: v1.10.1 does not)."""
+        m = self.nmask.to(latents)
+        return latents * m + self.clean.to(latents) * (1 - m)
 
     # --- the result ---
 

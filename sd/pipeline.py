@@ -575,8 +575,6 @@ class Pipeline:
         x = noise.next().to(self.device)
         masked = job is not None and job.masked
         if isinstance(sampler, TimestepsSampler):
-            if masked:
-                raise ValueError(f"A1111's way inpaints with the k-diffusion samplers, not {sampler.label}")
             if job is not None:
                 job.condition(self, image, shape, None, a1111=True)
             return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image,
@@ -629,7 +627,7 @@ class Pipeline:
         @torch.no_grad()
         def model(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             out = guidance(denoised, x_in, sigma)
-            return job.blend_x0(out) if masked else out
+            return job.blend(out) if masked else out
 
         total = sampler.calls(start)
         latents = x
@@ -639,7 +637,7 @@ class Pipeline:
                 callback(Step(index, total, timestep[0], latents))
         self._release("diffusion")
         if masked:  # and once more after sampling (StableDiffusionProcessingImg2Img.sample)
-            latents = job.blend_x0(latents)
+            latents = job.blend(latents)
         # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
         return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
 
@@ -647,6 +645,7 @@ class Pipeline:
         self, sampler, params, x, noise, guidance, conditioning, callback, image, init=None, job=None
     ):  # fmt: skip
         """A1111's own DDIM, PLMS and UniPC: CFG on the U-Net's eps at (integer or continuous) timesteps."""
+        masked = job is not None and job.masked
         start = 0
         if init is not None:
             start = second_pass_start(sampler, init.steps)
@@ -656,6 +655,10 @@ class Pipeline:
         else:
             start = sampler.img2img_start(params.strength)
             clean = self.encode_image(image, None).float().expand(x.shape[0], -1, -1, -1)
+            if masked:  # as in _sample_a1111: the fills, then the latents the blends keep
+                seeds = [params.a1111_image(i).seed for i in range(x.shape[0])]
+                clean = job.fill_latents(clean, lambda: ImageNoise(x.shape[1:], seeds, params.rng).next())
+                job.clean = clean
             x = sampler.img2img_latent(clean, x * params.noise_multiplier, start)
         unet = self._use("diffusion")
         dtype = dtype_of(unet)
@@ -674,6 +677,8 @@ class Pipeline:
 
         @torch.no_grad()
         def model(x_in: torch.Tensor, t: torch.Tensor):
+            if masked:  # A1111 v1.10.1's timestep samplers blend the U-Net's input, not its output
+                x_in = job.blend(x_in)
             guided = guidance(eps, x_in, t)
             return (guided, guidance.uncond_output) if sampler.spec.cfgpp else guided
 
@@ -683,6 +688,8 @@ class Pipeline:
             if callback is not None:
                 callback(Step(index, total, timestep[0], latents))
         self._release("diffusion")
+        if masked:  # and once more after sampling, as for the k-diffusion samplers
+            latents = job.blend(latents)
         eta = sampler.eta if sampler.spec.takes_eta and sampler.eta else None
         return latents, conditioning, guidance, {"sampler": sampler.label, "eta": None, "eta_ddim": eta}
 

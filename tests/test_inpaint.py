@@ -176,7 +176,7 @@ def test_a1111_blend_is_the_x0_formula(models) -> None:
     job = InpaintJob(InpaintSettings(), None, nine=False)
     job.nmask = torch.tensor([[[[1.0, 0.0]]]])
     job.clean = torch.tensor([[[[5.0, 7.0]]]])
-    assert torch.equal(job.blend_x0(torch.tensor([[[[1.0, 2.0]]]])), torch.tensor([[[[1.0, 7.0]]]]))
+    assert torch.equal(job.blend(torch.tensor([[[[1.0, 2.0]]]])), torch.tensor([[[[1.0, 7.0]]]]))
 
 
 def test_outpaint(models) -> None:
@@ -355,6 +355,56 @@ def test_final_latents_keep_the_init_latents_outside_the_latent_mask(models, a11
         clean = pipe.encode_image(image, torch.Generator().manual_seed(8))
     assert known.any() and (~known).any()
     assert torch.equal(seen["latents"][:, :, known], clean[:, :, known])
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
+def test_a1111_timestep_samplers_blend_the_unet_input(models, sampler: str) -> None:
+    """A1111 v1.10.1's DDIM, PLMS and UniPC inpaint through CFGDenoiserTimesteps (mask_before_denoising):
+    the U-Net is given the noisy latents with the *clean* init latents put in where the mask keeps them,
+    the sampler steps on from its own latents, and the final latents are blended once more. Reference:
+    the same sampler's plain img2img run (fill "original": the same init latents and noise) over a U-Net
+    that makes that blend itself, blended at the end. Equal bit for bit: the same operations."""
+    if models[0] != 4:
+        pytest.skip("a 9-channel model's plain img2img takes another conditioning")
+    pipe = Pipeline(models[1])
+    image, mask = picture(), rectangle()
+    clean = pipe.encode_image(image, None)
+    small = np.asarray(mask.convert("RGB").resize((8, 8)), dtype=np.float32)[..., 0] / 255
+    nmask = torch.from_numpy(np.around(small))  # A1111's latent mask, 1 = repaint
+
+    def run(method, *args, blend_in_unet: bool = False, **kw):
+        seen = {"inputs": []}
+
+        def pre_hook(module, args):
+            x = args[0]
+            if blend_in_unet:
+                x = x * nmask + clean * (1 - nmask)
+            seen["inputs"].append(x.clone())
+            return (x, *args[1:])
+
+        decode = pipe.decode
+        pipe.decode = lambda latents, truncate=False: decode(seen.setdefault("latents", latents), truncate)
+        handle = pipe.models["diffusion"].register_forward_pre_hook(pre_hook)
+        try:
+            method(image, *args, PROMPT, NEGATIVE, strength=0.7, steps=8, seed=8, **kw)
+        finally:
+            handle.remove()
+            pipe.decode = decode
+        return seen
+
+    masked = run(pipe.inpaint, mask, sampler=sampler, mask_blur=0, a1111=True)
+    known = nmask == 0
+    assert known.any() and (~known).any()
+    for x in masked["inputs"]:  # every U-Net input holds the clean init latents where the mask keeps them
+        assert torch.equal(x[:, :, known], clean.expand(x.shape[0], -1, -1, -1)[:, :, known])
+
+    params = GenerationParams(PROMPT, NEGATIVE, 8, sampler, False, 7.5, 8, None, None, 0.7, a1111=True)
+    reference = run(lambda im, p, n, **kw: pipe.run(params, im), blend_in_unet=True)
+    assert len(reference["inputs"]) == len(masked["inputs"]) > 1
+    for ours, ref in zip(masked["inputs"], reference["inputs"], strict=True):
+        assert torch.equal(ours, ref)
+    expected = reference["latents"] * nmask + clean * (1 - nmask)
+    assert torch.equal(masked["latents"], expected)
 
 
 def test_only_masked_on_a_large_photo_works_on_the_crop(models) -> None:
