@@ -65,7 +65,7 @@ from .prompts import NetworkTag, extract_networks, lora_multipliers
 from .samplers import Sampler, eps_from_v, get_sampler
 from .samplers.a1111 import bind
 from .samplers.lcm import lcm_denoised
-from .samplers.schedule import alphas_cumprod
+from .samplers.schedule import abar_at, alphas_cumprod, train_sigmas
 from .samplers.sigmas import ldm_alphas_cumprod
 from .samplers.timesteps import CFGPP_SCALE, TimestepsSampler
 from .tokenizer import CLIPTokenizer
@@ -81,12 +81,15 @@ MIN_SIZE, MAX_SIZE = 64, 2048
 
 @dataclass(frozen=True)
 class Step:
-    """One model call of the denoising loop: `index` of `total`, at U-Net `timestep`."""
+    """One model call of the denoising loop: `index` of `total`, at U-Net `timestep`; `latents` the
+    sampler's (noisy) ones after it, `denoised` the call's guided clean-image prediction (what A1111's
+    live previews show and an interrupt returns)."""
 
     index: int
     total: int
     timestep: float
     latents: torch.Tensor
+    denoised: torch.Tensor | None = None
 
 
 StepCallback = Callable[[Step], None]
@@ -442,12 +445,21 @@ class Pipeline:
 
         # Guiding v or eps is the same: at a given x_t one is an affine function of the other.
         schedule = self.config.schedule
-        eps = predict
+        guided = predict
         if schedule.prediction_type == "v_prediction":
-            eps = eps_from_v(predict, alphas_cumprod(schedule))
+            guided = eps_from_v(predict, alphas_cumprod(schedule))
+        log_sigmas = train_sigmas(alphas_cumprod(schedule).double()).log()
+        denoised = [None]
+
+        def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = guided(x, t)  # every sampler calls it on a VP latent: x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+            a = abar_at(t, log_sigmas).to(device=x.device, dtype=x.dtype)
+            denoised[0] = (x - (1 - a).sqrt() * out) / a.sqrt()
+            return out
+
         total = len(sampler.timesteps)
         for index, x in sampler.sample(eps, latents, generator=generator, start=start):
-            yield Step(index, total, float(sampler.timesteps[index]), x)
+            yield Step(index, total, float(sampler.timesteps[index]), x, denoised[0])
         self._release("diffusion")
 
     # --- user-facing ------------------------------------------------------------------------------
@@ -624,17 +636,20 @@ class Pipeline:
                 return out * (-sigma / (sigma**2 + 1) ** 0.5) + x_in * (1 / (sigma**2 + 1))
             return x_in + out * -sigma
 
+        last = [None]  # the latest call's clean-image prediction
+
         @torch.no_grad()
         def model(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             out = guidance(denoised, x_in, sigma)
-            return job.blend(out) if masked else out
+            last[0] = out = job.blend(out) if masked else out
+            return out
 
         total = sampler.calls(start)
         latents = x
         img2img = image is not None or init is not None
         for index, latents in enumerate(sampler.sample(model, x, noise, start, img2img=img2img)):
             if callback is not None:
-                callback(Step(index, total, timestep[0], latents))
+                callback(Step(index, total, timestep[0], latents, last[0]))
         self._release("diffusion")
         if masked:  # and once more after sampling (StableDiffusionProcessingImg2Img.sample)
             latents = job.blend(latents)
@@ -675,18 +690,22 @@ class Pipeline:
                 return a.sqrt() * out + (1 - a).sqrt() * x_in
             return out
 
+        last = [None]  # the latest call's clean-image prediction (A1111's get_pred_x0)
+
         @torch.no_grad()
         def model(x_in: torch.Tensor, t: torch.Tensor):
             if masked:  # A1111 v1.10.1's timestep samplers blend the U-Net's input, not its output
                 x_in = job.blend(x_in)
             guided = guidance(eps, x_in, t)
+            a = alphas[t.long()].to(x_in).reshape(-1, 1, 1, 1)
+            last[0] = (x_in - (1 - a).sqrt() * guided) / a.sqrt()
             return (guided, guidance.uncond_output) if sampler.spec.cfgpp else guided
 
         total = sampler.calls(start)
         latents = x
         for index, latents in enumerate(sampler.sample(model, x, noise, start)):
             if callback is not None:
-                callback(Step(index, total, timestep[0], latents))
+                callback(Step(index, total, timestep[0], latents, last[0]))
         self._release("diffusion")
         if masked:  # and once more after sampling, as for the k-diffusion samplers
             latents = job.blend(latents)

@@ -273,3 +273,27 @@ def test_run_replays_the_parameters_an_image_carries(world: World) -> None:
     assert edited.size == (80, 72) and np.array_equal(np.asarray(replayed[0]), np.asarray(edited))
     with pytest.raises(ValueError, match="img2img needs a strength"):
         pipe.run(GenerationParams(PROMPT, steps=2), picture)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "a1111", "final_ratio"),
+    [("euler", False, 0.0), ("dpmpp_2m", False, 0.0), ("Euler", True, 0.0), ("DDIM", True, 0.05)],
+)
+def test_steps_carry_the_clean_image_prediction(world: World, sampler: str, a1111: bool, final_ratio: float):
+    """Step.denoised is the call's guided x0 (A1111's previews and interrupted results). Euler-like runs end
+    on it exactly (their last step goes to sigma 0); A1111's DDIM stops at abar[1], within a few percent;
+    mid-run the sampler's latents are noisy, far from it."""
+    if world.name != "tiny":
+        pytest.skip("the prediction's bookkeeping needs no full-size model")
+    from sd.params import GenerationParams
+
+    steps: list = []
+    params = GenerationParams(PROMPT, NEGATIVE, 6, sampler, False, 7.5, 3, SIZE, SIZE, a1111=a1111)
+    Pipeline(world.ours).run(params, callback=steps.append)
+    assert all(s.denoised is not None and s.denoised.shape == s.latents.shape for s in steps)
+
+    def off(step) -> float:
+        return ((step.latents - step.denoised).abs().max() / step.denoised.abs().max()).item()
+
+    assert off(steps[-1]) <= max(final_ratio, 1e-5), off(steps[-1])
+    assert off(steps[0]) > 0.1

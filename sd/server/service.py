@@ -96,11 +96,13 @@ class Service:
         pipe = self.pipe
 
         def progress(step) -> None:
-            # counted over the whole batch: a hires fix's second pass goes on from the first's count
-            job.step, job.latents = min(job.step + 1, job.steps), step.latents
+            # counted over the whole batch: a hires fix's second pass goes on from the first's count. As
+            # A1111's, previews and an interrupted job's images are the latest clean-image prediction.
+            latest = step.latents if step.denoised is None else step.denoised
+            job.step, job.latents = min(job.step + 1, job.steps), latest
             job.preview_id += 1
             if job.interrupted.is_set() or job.skipped.is_set():
-                raise JobInterruptedError(step.latents)
+                raise JobInterruptedError(latest)
 
         warnings = _WarningCollector(threading.get_ident())
         log.addHandler(warnings)
@@ -135,7 +137,8 @@ class Service:
         return self._answer(job, request, images, seeds, subseeds, warnings.messages)
 
     def _partial(self, params: GenerationParams, latents, count: int) -> list[Image.Image]:
-        """Images of an interrupted batch: its latents as they were, decoded with the batch's parameters."""
+        """Images of an interrupted batch: its latest clean-image prediction, decoded with the batch's
+        parameters."""
         pipe = self.pipe
         if params.width is None or params.height is None:  # as Pipeline.run resolves them
             down = pipe.config.vae.downscale
