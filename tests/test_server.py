@@ -150,6 +150,10 @@ def test_n_iter_numbers_the_seeds_and_a_random_seed_is_reported(served):
     _, answer = call(url, "/sdapi/v1/txt2img", {"prompt": "x", "seed": -1, "steps": 2, **SIZE})
     seed = json.loads(answer["info"])["seed"]
     assert 0 <= seed < 2**32 and f"Seed: {seed}," in images_of(answer)[0].info["parameters"]
+    # `parameters` is A1111's echo of the request, every field with its default (the seed as sent)
+    echo = answer["parameters"]
+    assert echo["seed"] == -1 and echo["prompt"] == "x" and echo["steps"] == 2 and echo["cfg_scale"] == 7.0
+    assert echo["enable_hr"] is False and echo["script_args"] == [] and "init_images" not in echo
 
 
 def test_img2img_takes_a_base64_image_or_data_url(served):
@@ -745,6 +749,8 @@ def test_inpainting_through_the_server(served):
         got = images_of(answer)[0]
         assert same_pixels(got, expected), fields
         assert got.info["parameters"] == expected.info["parameters"]
+        echo = answer["parameters"]  # A1111 echoes the request less its images
+        assert echo["init_images"] is None and echo["mask"] is None and echo["denoising_strength"] == 0.8
         assert json.loads(answer["info"])["ignored_fields"] == []
         results.append(np.asarray(got.convert("RGB")))
     kept = np.asarray(mask) == 255  # case 2: blur 0, inverted, so the painted area is the input's own

@@ -211,7 +211,8 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
             while True:
                 done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
                 if done:
-                    return waiter.result()
+                    # A1111 echoes the request, every field with its default, as `parameters`
+                    return {**waiter.result(), "parameters": body.model_dump()}
                 if await request.is_disconnected():  # nobody to answer: free the queue
                     service.queue.abandon(job)
                     raise HTTPException(499, "the client closed the connection")
@@ -228,8 +229,8 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
     async def img2img(body: models.Img2ImgRequest, request: Request) -> dict[str, Any]:
         """A1111's img2img: init_images (one base64 image), denoising_strength, resize_mode 0 or 1."""
         answer = await generate(body, request, img2img=True)
-        if not body.include_init_images:  # A1111 does not echo the input back
-            answer["parameters"].pop("init_images", None)
+        if not body.include_init_images:  # A1111 does not echo the input images back
+            answer["parameters"].update(init_images=None, mask=None)
         return answer
 
     @app.get("/sdapi/v1/progress", response_model=models.ProgressResponse, tags=["progress"])

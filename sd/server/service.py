@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +196,8 @@ class Service:
             "warnings": warnings,
             "ignored_fields": list(request.ignored),
         }
-        per_image = ("batch_pos", "model", "model_hash")  # in each image's own parameters
-        parameters = {k: v for k, v in asdict(params).items() if k not in per_image}
-        parameters |= {"batch_size": request.batch_size, "n_iter": request.n_iter, "eta": request.eta}
         return {
             "images": [_png_base64(image) for image in images] if request.send_images else [],
-            "parameters": parameters,
             "info": json.dumps(info),
         }
 
