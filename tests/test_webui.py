@@ -588,10 +588,41 @@ def test_inpainting_from_the_page(page: Any, tmp_path: Path) -> None:
     assert (mask == 0).sum() > 1000 and (mask == 255).sum() > 300
     assert np.array_equal(got[mask == 0], source[mask == 0])  # A1111's composite: unmasked pixels kept
     assert np.abs(got[mask == 255] - source[mask == 255]).mean() > 10  # repainted
+    # Its settings come back from its PNG (no "Mask blur": A1111 writes it only when > 0).
+    type_into(page, '[data-mirror="mask_blur"]', "4")
+    element(page, 'input[name="inpainting_fill"][value="1"]').click()
+    element(page, "#restore_shown").click()
+    wait(page, lambda: "restored" in element(page, "#status").text, timeout=30)
+    assert value(page, "mask_blur") == "0"
+    assert js(page, "return document.querySelector('[name=inpainting_fill]:checked').value") == "2"
     screenshot = Path(os.environ.get("SD_WEBUI_INPAINT_SCREENSHOT") or tmp_path / "webui-inpaint.png")
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     js(page, "document.getElementById('form').scrollIntoView()")  # the prompt, the mask and the result
     assert page.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+def test_restore_reads_inpaint_settings(page: Any) -> None:
+    """The keys A1111 (and sd.inpaint) write for an inpainting restore its controls; absent ones are
+    A1111's UI defaults once any is there, and a PNG without them leaves the controls alone."""
+    script = """
+        const done = arguments[arguments.length - 1];
+        import('./static/infotext.js').then(({settingsFrom}) => done(arguments[0].map(settingsFrom)));
+    """
+    cases = [
+        {"Mask blur": "8", "Mask mode": "Inpaint not masked", "Inpaint area": "Only masked",
+         "Masked area padding": "48", "Masked content": "latent noise", "Conditional mask weight": "0.5"},
+        {"Mask blur": "4"},
+        {"Mask blur x": "2", "Mask blur y": "0"},
+        {"Steps": "20"},
+    ]  # fmt: skip
+    got = page.execute_async_script(script, cases)
+    keys = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
+            "inpaint_full_res_padding")  # fmt: skip
+    assert [tuple(g["fields"].get(k) for k in keys) for g in got] == [
+        (8, 1, 2, 1, 48), (4, 0, 1, 0, 32), (2, 0, 1, 0, 32), (None,) * 5,
+    ]  # fmt: skip
+    assert got[0]["overrides"] == {"inpainting_mask_weight": {"key": "Conditional mask weight", "value": 0.5}}
+    assert got[0]["unrestored"] == got[1]["unrestored"] == [] and got[2]["unrestored"] == ["Mask blur y"]
 
 
 def test_hires_fix(page: Any, tmp_path: Path) -> None:
