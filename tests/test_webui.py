@@ -583,6 +583,7 @@ def test_inpainting_from_the_page(page: Any, tmp_path: Path) -> None:
     generate_and_watch(page)
     image = png_of(js(page, "return document.getElementById('viewer').src"))
     assert image.size == (64, 64) and "Masked content: latent noise" in image.info["parameters"]
+    assert "Inpaint area" not in image.info["parameters"]  # the page's "Whole picture", not the API's default
     mask = exported_mask(page)
     got, source = np.asarray(image.convert("RGB")).astype(int), np.asarray(picture).astype(int)
     assert (mask == 0).sum() > 1000 and (mask == 255).sum() > 300
