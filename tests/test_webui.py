@@ -6,7 +6,8 @@ Chromium and would need that downloaded). Without them (or selenium) every test 
 `.ci/run` installs them. The server is the real CLI (`python -m sd serve`), on 127.0.0.1 and a free port,
 with an empty model folder: the built-in shapes model, one embedding and one LoRA file in it.
 
-The screenshot after a generation goes to $SD_WEBUI_SCREENSHOT (default: the test's tmp folder).
+The screenshot after a generation goes to $SD_WEBUI_SCREENSHOT, the one after an inpainting (the mask
+painted, its result shown) to $SD_WEBUI_INPAINT_SCREENSHOT (default for both: the test's tmp folder).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from sd.webui import token_count
@@ -230,6 +232,45 @@ def generate_and_watch(driver: Any) -> tuple[list[float], int]:
     wait(driver, lambda: gallery_count(driver) > before or failed(driver))
     assert gallery_count(driver) > before, element(driver, "#status").text
     return seen_fractions(driver), int(element(driver, "#progress").get_attribute("data-previews") or 0)
+
+
+def paint(driver: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A stroke on the mask canvas with real pointer input, from `start` to `end` (fractions of the
+    canvas's width and height, as shown): press, drag, release."""
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    canvas = element(driver, "#mask_canvas")
+    width, height = canvas.size["width"], canvas.size["height"]
+    # Selenium's offsets are from the element's centre.
+    x0, y0 = (start[0] - 0.5) * width, (start[1] - 0.5) * height
+    dx, dy = (end[0] - start[0]) * width, (end[1] - start[1]) * height
+    actions = ActionChains(driver).move_to_element_with_offset(canvas, round(x0), round(y0)).click_and_hold()
+    for _ in range(4):  # a few moves, as a hand makes: each draws a segment
+        actions.move_by_offset(round(dx / 4), round(dy / 4))
+    actions.release().perform()
+
+
+def mask_call(driver: Any, function: str) -> Any:
+    """mask.js's `function`() in the page's own module (the one app.js imported)."""
+    script = """
+        const done = arguments[arguments.length - 1];
+        import('./static/mask.js').then((mask) => done(mask[arguments[0]]()));
+    """
+    return driver.execute_async_script(script, function)
+
+
+def exported_mask(driver: Any) -> np.ndarray:
+    """The mask the page would send, as grey levels (exportMask's PNG)."""
+    return np.asarray(png_of(mask_call(driver, "exportMask")).convert("L"))
+
+
+def start_inpainting(driver: Any, init: Path) -> None:
+    """img2img with `init` as its input, and Paint mask turned on."""
+    element(driver, '[data-tab="img2img"]').click()
+    element(driver, "#init_file").send_keys(str(init))
+    wait(driver, lambda: element(driver, "#mask_panel").is_displayed(), timeout=10)
+    element(driver, "#paint_mask").click()
+    assert element(driver, "#mask_canvas").is_displayed() and element(driver, "#mask_blur").is_displayed()
 
 
 def drop_file(driver: Any, path: Path, target_css: str = "body") -> None:
@@ -477,6 +518,112 @@ def test_img2img_with_an_uploaded_init_image(page: Any, tmp_path: Path) -> None:
     # A PNG dropped on the init-image box is the new input, not settings to restore.
     drop_file(page, init, "#init_zone")
     assert value(page, "prompt") == "a red square"
+
+
+def test_painting_the_inpainting_mask(page: Any, tmp_path: Path) -> None:
+    """The mask is painted over the init image at the image's own size; eraser, Undo, Clear and an
+    uploaded mask change it; Paint mask on with nothing painted sends nothing and says why."""
+    init = tmp_path / "init.png"
+    Image.new("RGB", (96, 64), (30, 120, 200)).save(init)
+    start_inpainting(page, init)
+    box = element(page, "#mask_canvas").size
+    assert abs(box["width"] / box["height"] - 96 / 64) < 0.02  # the image's aspect ratio
+    assert mask_call(page, "hasMask") is False
+    type_into(page, '[data-mirror="brush_size"]', "40")
+    paint(page, (0.25, 0.5), (0.75, 0.5))  # along the middle row, x 24..72
+    assert mask_call(page, "hasMask") is True
+    mask = exported_mask(page)
+    assert mask.shape == (64, 96)
+    assert (mask[32, 26:71] == 255).all(), mask[32]
+    assert mask[:20].max() == 0 and mask[45:].max() == 0 and mask[:, :16].max() == 0
+    # The eraser takes the stroke's right half away; Undo brings it back, then takes the stroke away.
+    element(page, 'input[name="mask_tool"][value="eraser"]').click()
+    paint(page, (0.5, 0.3), (0.9, 0.7))
+    paint(page, (0.5, 0.7), (0.9, 0.3))
+    paint(page, (0.55, 0.5), (0.9, 0.5))
+    assert exported_mask(page)[32, 60] == 0 and exported_mask(page)[32, 30] == 255
+    for _ in range(3):
+        element(page, "#mask_undo").click()
+    assert exported_mask(page)[32, 60] == 255
+    element(page, "#mask_undo").click()
+    assert mask_call(page, "hasMask") is False and exported_mask(page).max() == 0
+    # Generating now would send an empty mask: the page says so instead.
+    element(page, "#generate").click()
+    assert failed(page) and "nothing is painted" in element(page, "#status").text
+    assert gallery_count(page) == 0
+    # An uploaded black/white mask, stretched to the init image; Clear empties it.
+    upload = tmp_path / "mask.png"
+    half = Image.new("L", (48, 32), 0)
+    half.paste(255, (0, 0, 24, 32))
+    half.save(upload)
+    element(page, "#mask_file").send_keys(str(upload))
+    wait(page, lambda: mask_call(page, "hasMask"), timeout=10)
+    mask = exported_mask(page)
+    assert mask.shape == (64, 96) and mask[:, :46].min() == 255 and mask[:, 50:].max() == 0
+    element(page, "#mask_clear").click()
+    assert mask_call(page, "hasMask") is False
+
+
+def test_inpainting_from_the_page(page: Any, tmp_path: Path) -> None:
+    """A painted mask and A1111's inpaint controls go with the img2img request: the server repaints under
+    the mask and keeps the init image's pixels elsewhere (mask blur 0: exactly)."""
+    init = tmp_path / "init.png"
+    picture = Image.new("RGB", (64, 64), (40, 90, 200))
+    ImageDraw.Draw(picture).ellipse((12, 12, 52, 52), fill=(240, 200, 40))
+    picture.save(init)
+    start_inpainting(page, init)
+    type_into(page, '[data-mirror="brush_size"]', "60")
+    paint(page, (0.2, 0.45), (0.8, 0.55))
+    type_into(page, '[data-mirror="mask_blur"]', "0")
+    element(page, 'input[name="inpainting_fill"][value="2"]').click()  # latent noise
+    element(page, "#prompt").send_keys("a red square")
+    type_into(page, '[data-mirror="denoising_strength"]', "0.9")
+    type_into(page, '[data-mirror="steps"]', "6")
+    type_into(page, "#seed", "11")
+    generate_and_watch(page)
+    image = png_of(js(page, "return document.getElementById('viewer').src"))
+    assert image.size == (64, 64) and "Masked content: latent noise" in image.info["parameters"]
+    assert "Inpaint area" not in image.info["parameters"]  # the page's "Whole picture", not the API's default
+    mask = exported_mask(page)
+    got, source = np.asarray(image.convert("RGB")).astype(int), np.asarray(picture).astype(int)
+    assert (mask == 0).sum() > 1000 and (mask == 255).sum() > 300
+    assert np.array_equal(got[mask == 0], source[mask == 0])  # A1111's composite: unmasked pixels kept
+    assert np.abs(got[mask == 255] - source[mask == 255]).mean() > 10  # repainted
+    # Its settings come back from its PNG (no "Mask blur": A1111 writes it only when > 0).
+    type_into(page, '[data-mirror="mask_blur"]', "4")
+    element(page, 'input[name="inpainting_fill"][value="1"]').click()
+    element(page, "#restore_shown").click()
+    wait(page, lambda: "restored" in element(page, "#status").text, timeout=30)
+    assert value(page, "mask_blur") == "0"
+    assert js(page, "return document.querySelector('[name=inpainting_fill]:checked').value") == "2"
+    screenshot = Path(os.environ.get("SD_WEBUI_INPAINT_SCREENSHOT") or tmp_path / "webui-inpaint.png")
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    js(page, "document.getElementById('form').scrollIntoView()")  # the prompt, the mask and the result
+    assert page.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 10_000
+
+
+def test_restore_reads_inpaint_settings(page: Any) -> None:
+    """The keys A1111 (and sd.inpaint) write for an inpainting restore its controls; absent ones are
+    A1111's UI defaults once any is there, and a PNG without them leaves the controls alone."""
+    script = """
+        const done = arguments[arguments.length - 1];
+        import('./static/infotext.js').then(({settingsFrom}) => done(arguments[0].map(settingsFrom)));
+    """
+    cases = [
+        {"Mask blur": "8", "Mask mode": "Inpaint not masked", "Inpaint area": "Only masked",
+         "Masked area padding": "48", "Masked content": "latent noise", "Conditional mask weight": "0.5"},
+        {"Mask blur": "4"},
+        {"Mask blur x": "2", "Mask blur y": "0"},
+        {"Steps": "20"},
+    ]  # fmt: skip
+    got = page.execute_async_script(script, cases)
+    keys = ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res",
+            "inpaint_full_res_padding")  # fmt: skip
+    assert [tuple(g["fields"].get(k) for k in keys) for g in got] == [
+        (8, 1, 2, 1, 48), (4, 0, 1, 0, 32), (2, 0, 1, 0, 32), (None,) * 5,
+    ]  # fmt: skip
+    assert got[0]["overrides"] == {"inpainting_mask_weight": {"key": "Conditional mask weight", "value": 0.5}}
+    assert got[0]["unrestored"] == got[1]["unrestored"] == [] and got[2]["unrestored"] == ["Mask blur y"]
 
 
 def test_hires_fix(page: Any, tmp_path: Path) -> None:

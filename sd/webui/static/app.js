@@ -1,11 +1,12 @@
-// The page: wires the form, the networks, the init image, drag-and-drop restore, generation with live
-// progress, and the gallery. Everything goes through the A1111 API, so what works here works for any
-// A1111 client, and the other way round.
+// The page: wires the form, the networks, the init image (and its inpainting mask, mask.js), drag-and-drop
+// restore, generation with live progress, and the gallery. Everything goes through the A1111 API, so what
+// works here works for any A1111 client, and the other way round.
 
 import { base64Of, getOr, post, readAsDataUrl } from "./api.js";
 import { bindMirrors, getField, request, setField, setOptions } from "./form.js";
 import { Gallery } from "./gallery.js";
 import { parseInfotext, settingsFrom } from "./infotext.js";
+import { bindMaskEditor, exportMask, hasMask, painting, setMaskImage } from "./mask.js";
 import { watchProgress } from "./progress.js";
 import { tokenCounter } from "./tokens.js";
 
@@ -191,6 +192,7 @@ function setInitImage(dataUrl) {
   $("init_preview").src = dataUrl;
   $("init_preview").hidden = false;
   $("init_hint").hidden = true;
+  setMaskImage(dataUrl).catch((error) => status(`mask: ${error.message}`, true));
 }
 
 function bindInitImage() {
@@ -315,8 +317,15 @@ async function generate() {
     status("img2img needs an init image: drop one in the box or click it", true);
     return;
   }
+  const inpaint = img2img && painting();
+  if (inpaint && !hasMask()) {
+    // An empty mask would repaint nothing (or, inverted, everything): say so rather than send it.
+    status("Paint mask is on but nothing is painted: paint over the image, or turn Paint mask off", true);
+    return;
+  }
+  const mask = inpaint ? exportMask() : null;
   const overrides = Object.fromEntries(Object.entries(state.overrides).map(([k, { value }]) => [k, value]));
-  const body = request({ img2img, initImage: state.initImage, overrides, way: state.way });
+  const body = request({ img2img, initImage: state.initImage, mask, overrides, way: state.way });
   body.force_task_id = newTaskId();
   state.busy = true;
   $("generate").disabled = true;
@@ -345,6 +354,7 @@ bindMirrors();
 bindPrompts();
 bindControls();
 bindInitImage();
+bindMaskEditor();
 bindPageDrop();
 showTab("txt2img");
 loadChoices().catch((error) => status(`loading choices: ${error.message}`, true));

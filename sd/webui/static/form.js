@@ -1,5 +1,6 @@
-// The settings form: each setting is the element with its A1111 field name as id; a slider's number box
-// (data-mirror) follows it both ways. request() turns the form into an A1111 txt2img / img2img body.
+// The settings form: each setting is the element with its A1111 field name as id (a choice of radio
+// buttons: the fieldset holding them); a slider's number box (data-mirror) follows it both ways. request()
+// turns the form into an A1111 txt2img / img2img body.
 
 const $ = (id) => document.getElementById(id);
 
@@ -20,7 +21,14 @@ const NUMBERS = [
   "hr_scale",
   "hr_resize_x",
   "hr_resize_y",
+  "mask_blur",
+  "inpainting_mask_invert",
+  "inpainting_fill",
+  "inpaint_full_res",
+  "inpaint_full_res_padding",
 ];
+// img2img's inpainting controls, sent with a mask (A1111's field names; inpaint_full_res is a boolean).
+const INPAINT = ["mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res_padding"];
 
 export function bindMirrors() {
   for (const box of document.querySelectorAll("[data-mirror]")) {
@@ -72,9 +80,15 @@ function addOption(select, value) {
   select.append(option);
 }
 
+const checkedRadio = (fieldset) => fieldset.querySelector("input[type=radio]:checked");
+
 export function getField(name) {
   const element = $(name);
   if (element.type === "checkbox") return element.checked;
+  if (element.tagName === "FIELDSET") {
+    const value = checkedRadio(element).value;
+    return NUMBERS.includes(name) ? Number(value) : value;
+  }
   return NUMBERS.includes(name) ? Number(element.value) : element.value;
 }
 
@@ -83,6 +97,9 @@ export function setField(name, value) {
   if (!element || value === undefined || value === null) return;
   if (element.type === "checkbox") {
     element.checked = Boolean(value);
+  } else if (element.tagName === "FIELDSET") {
+    const radio = element.querySelector(`input[type=radio][value="${CSS.escape(String(value))}"]`);
+    if (radio) radio.checked = true;
   } else if (element.tagName === "SELECT") {
     addOption(element, value);
     element.value = String(value);
@@ -97,8 +114,8 @@ export function setField(name, value) {
 }
 
 // The request body as A1111's API takes it. `overrides`: {option: value} sent as override_settings
-// (clip skip is sent there too, as A1111's UI does).
-export function request({ img2img = false, initImage = null, overrides = {}, way = null } = {}) {
+// (clip skip is sent there too, as A1111's UI does); `mask`: img2img's inpainting mask (a PNG data URL).
+export function request({ img2img = false, initImage = null, mask = null, overrides = {}, way = null } = {}) {
   const body = {
     prompt: getField("prompt"),
     negative_prompt: getField("negative_prompt"),
@@ -124,6 +141,11 @@ export function request({ img2img = false, initImage = null, overrides = {}, way
   if (img2img) {
     body.init_images = [initImage];
     body.denoising_strength = getField("denoising_strength");
+    if (mask) {
+      // All of A1111's UI fields, so its API's defaults (blur 4, fill, only masked) do not apply instead.
+      Object.assign(body, { mask, inpaint_full_res: getField("inpaint_full_res") === 1 });
+      for (const name of INPAINT) body[name] = getField(name);
+    }
   } else if (getField("enable_hr")) {
     // A1111's txt2img fields: the second pass's strength is the request's denoising_strength.
     Object.assign(body, {

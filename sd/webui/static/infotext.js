@@ -44,7 +44,22 @@ export const OVERRIDES = {
   "Old prompt editing timelines": ["use_old_scheduling", Boolean],
   "Pad conds": ["pad_cond_uncond", Boolean],
   Emphasis: ["emphasis", String],
+  "Conditional mask weight": ["inpainting_mask_weight", Number],
 };
+
+// Inpainting's keys, as sd.inpaint.InpaintSettings.infotext (A1111) writes them: each only when it is not
+// A1111's UI default, so with any of them there the absent ones are restored as those defaults ("Mask
+// blur" absent: 0, written only when > 0). "Mask blur x/y" are ours, for blurs that differ per axis.
+const INPAINT_KEYS = [
+  "Mask blur",
+  "Mask blur x",
+  "Mask blur y",
+  "Mask mode",
+  "Inpaint area",
+  "Masked area padding",
+  "Masked content",
+];
+const FILL_MODES = ["fill", "original", "latent noise", "latent nothing"]; // inpainting_fill 0..3
 
 // Keys that describe an image without changing how it is made, or that the prompt already carries
 // (Lora hashes: its <lora:...> tags apply the files): restored by nothing, and not worth a warning.
@@ -101,6 +116,20 @@ function samplerAndSchedule(params, samplerNames, scheduleLabels) {
   return { sampler_name: sampler, scheduler: schedule ?? "Automatic" };
 }
 
+// img2img's inpainting controls (form.js's A1111 field names; the radios' values are numbers).
+function inpaintFields(params) {
+  if (!INPAINT_KEYS.some((key) => key in params)) return {};
+  const text = (key, absent) => String(params[key] ?? absent).trim();
+  const fill = FILL_MODES.indexOf(text("Masked content", "original").toLowerCase());
+  return {
+    mask_blur: Number(params["Mask blur"] ?? params["Mask blur x"] ?? 0),
+    inpainting_mask_invert: text("Mask mode", "") === "Inpaint not masked" ? 1 : 0,
+    ...(fill >= 0 && { inpainting_fill: fill }),
+    inpaint_full_res: text("Inpaint area", "") === "Only masked" ? 1 : 0,
+    inpaint_full_res_padding: Number(params["Masked area padding"] ?? 32),
+  };
+}
+
 // {fields, overrides, way, unrestored, model} from png-info's `parameters`. `samplerNames` and
 // `scheduleLabels`: what the server lists, to split old combined names.
 export function settingsFrom(params, { samplerNames = [], scheduleLabels = [] } = {}) {
@@ -114,11 +143,15 @@ export function settingsFrom(params, { samplerNames = [], scheduleLabels = [] } 
     } else if (key in OVERRIDES) {
       const [name, type] = OVERRIDES[key];
       overrides[name] = { key, value: convert(type, value) };
-    } else if (!NO_EFFECT.has(key)) {
+    } else if (!NO_EFFECT.has(key) && !INPAINT_KEYS.includes(key)) {
       unrestored.push(key);
     }
   }
   Object.assign(fields, samplerAndSchedule(params, samplerNames, scheduleLabels));
+  Object.assign(fields, inpaintFields(params));
+  // The form has one blur for both axes: the x one is restored, a different y one is said to be lost.
+  const blurY = params["Mask blur y"];
+  if (blurY !== undefined && blurY !== params["Mask blur x"]) unrestored.push("Mask blur y");
   if (!("Negative prompt" in params) && "Prompt" in params) fields.negative_prompt = "";
   if (!("Clip skip" in params)) fields.clip_skip = 1; // A1111 writes it only when it is not 1
   // With the hires fix, "Denoising strength" is its second pass's; the form has one for each tab.
