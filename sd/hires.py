@@ -31,6 +31,7 @@ from .samplers import get_sampler
 from .samplers.a1111 import SAMPLERS, exact_label, sampler_label
 from .samplers.sigmas import SCHEDULE_TYPES, schedule_type
 from .samplers.timesteps import TimestepsSampler, setup_img2img_steps
+from .upscalers import IMAGE_UPSCALERS, resize_with, why_not
 
 if TYPE_CHECKING:
     from .params import GenerationParams
@@ -46,16 +47,6 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 DEFAULT_UPSCALER = "Latent"  # shared.latent_upscale_default_mode: what hr_upscaler None means
-# A1111's built-in image upscalers that need no model (modules/upscaler.py): PIL's filter each upscales with
-IMAGE_UPSCALERS: dict[str, Image.Resampling | None] = {
-    "None": None,
-    "Lanczos": Image.Resampling.LANCZOS,
-    "Nearest": Image.Resampling.NEAREST,
-}
-# A1111's model upscalers: named in the error, not run here (they need their own networks)
-MODEL_UPSCALERS = ("ESRGAN_4x", "R-ESRGAN 4x+", "R-ESRGAN 4x+ Anime6B", "R-ESRGAN General 4xV3",
-                   "R-ESRGAN General WDN 4xV3", "R-ESRGAN AnimeVideo", "R-ESRGAN 2x+", "LDSR", "ScuNET GAN",
-                   "ScuNET PSNR", "SwinIR 4x", "DAT x2", "DAT x3", "DAT x4")  # fmt: skip
 LATENT_DOWNSCALE = 8  # A1111's opt_f: SD's VAE; a model of ours may have another (the pipeline passes its)
 
 
@@ -69,9 +60,7 @@ def upscaler_label(name: str | None) -> str:
     found = by_lower.get(name.strip().lower())
     if found is not None:
         return found
-    model = name.strip().lower() in {m.lower() for m in MODEL_UPSCALERS}
-    why = "needs its model, which is not supported" if model else "is not a built-in upscaler"
-    raise ValueError(f"hires upscaler {name!r} {why}; one of: {', '.join(known)}")
+    raise ValueError(f"hires upscaler {name!r} {why_not(name)}; one of: {', '.join(known)}")
 
 
 @dataclass(frozen=True)
@@ -145,24 +134,8 @@ def upscale_latents(latents: torch.Tensor, upscaler: str, size: HiresSize) -> to
 
 
 def upscale_image(image: Image.Image, upscaler: str, width: int, height: int) -> Image.Image:
-    """A1111's images.resize_image(0, image, width, height, upscaler): "None" is one Lanczos resize; the
-    others upscale by max(w / W, h / H) with their filter, resize to that size rounded down to a multiple of
-    8 if it differs (Upscaler.upscale), then to (width, height) with Lanczos if that differs too."""
-    label = upscaler_label(upscaler)
-    lanczos = Image.Resampling.LANCZOS
-    resample = IMAGE_UPSCALERS[label]
-    if resample is None:
-        return image.resize((width, height), resample=lanczos)
-    scale = max(width / image.width, height / image.height)
-    if scale > 1.0:
-        dest_w, dest_h = int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8)
-        # Upscaler.upscale's loop: one do_upscale already reaches dest (int() of w * scale >= dest)
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=resample)
-        if image.size != (dest_w, dest_h):
-            image = image.resize((dest_w, dest_h), resample=lanczos)
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=lanczos)
-    return image
+    """A1111's images.resize_image(0, image, width, height, upscaler) (sd.upscalers)."""
+    return resize_with(image, upscaler_label(upscaler), width, height)
 
 
 def second_pass_steps(params: GenerationParams) -> int:
@@ -338,7 +311,6 @@ __all__ = [
     "DEFAULT_UPSCALER",
     "IMAGE_UPSCALERS",
     "LATENT_UPSCALE_MODES",
-    "MODEL_UPSCALERS",
     "HiresSize",
     "SecondPass",
     "check_hires",

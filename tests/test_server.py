@@ -20,6 +20,7 @@ from PIL import Image
 
 from sd import TINY
 from sd.cli import main
+from sd.images import save_png
 from sd.params import GenerationParams
 from sd.pipeline import Pipeline
 from sd.server import MAX_IMAGES, Service, make_server
@@ -259,6 +260,19 @@ BAD_REQUESTS = {
     "init image not base64": ("img2img", {"init_images": ["@@"]}, "not valid base64"),
     "init image not an image": ("img2img", {"init_images": [NOT_AN_IMAGE]}, "init_images[0]: not an image"),
     "strength above 1": ("img2img", {"init_images": [RED_PNG], "denoising_strength": 1.5}, "strength must"),
+    "extras face restoration": ("extra-single-image", {"image": RED_PNG, "gfpgan_visibility": 0.5}, "GFPGAN"),
+    "extras model upscaler": (
+        "extra-single-image",
+        {"image": RED_PNG, "upscaler_1": "R-ESRGAN 4x+"},
+        "'R-ESRGAN 4x+' needs its model",
+    ),
+    "extras scale above 8": (
+        "extra-single-image",
+        {"image": RED_PNG, "upscaling_resize": 9},
+        "upscaling_resize",
+    ),
+    "extras not an image": ("extra-single-image", {"image": NOT_AN_IMAGE, "upscaler_1": "Lanczos"}, "image"),
+    "extras empty batch": ("extra-batch-images", {"imageList": []}, "at least one"),
 }
 
 
@@ -805,3 +819,47 @@ def test_a1111_request_details(served):
     assert status == 200, again
     expected = a1111(pipe, "a kite", steps=3, seed=8, sampler="Euler a")[0]
     assert same_pixels(images_of(again)[0], expected)
+
+
+def test_extras_upscale_as_a1111(served):
+    """/extra-single-image and /extra-batch-images with the built-in upscalers, A1111's arithmetic
+    (Upscaler.upscale: the filter's resize, then Lanczos to the size rounded down to 8; scale-to: the
+    larger ratio, then a centred crop on black; upscaler 2 blended at its visibility), the input's
+    parameters kept and A1111's postprocessing text added."""
+    url, _ = served
+    rng = np.random.default_rng(4)
+    source = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    save_png(source, buffer, "a cat\nSteps: 3, Seed: 1")
+    image = base64.b64encode(buffer.getvalue()).decode()
+
+    def single(**fields) -> Image.Image:
+        status, answer = call(url, "/sdapi/v1/extra-single-image", {"image": image, **fields})
+        assert status == 200, answer
+        return Image.open(io.BytesIO(base64.b64decode(answer["image"])))
+
+    lanczos = Image.Resampling.LANCZOS
+    got = single(upscaler_1="Lanczos", upscaling_resize=2)
+    expected = source.resize((100, 60), lanczos).resize((96, 56), lanczos)  # 100x60 rounded down to 8
+    assert np.array_equal(np.asarray(got), np.asarray(expected))
+    assert got.info["parameters"] == "a cat\nSteps: 3, Seed: 1"
+    assert got.info["postprocessing"] == "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"
+
+    got = single(resize_mode=1, upscaling_resize_w=120, upscaling_resize_h=40, upscaler_1="nearest")
+    scaled = source.resize((120, 72), Image.Resampling.NEAREST)  # by max(120 / 50, 40 / 30) = 2.4
+    canvas = Image.new("RGB", (120, 40))
+    canvas.paste(scaled, (0, 20 - 36))
+    assert got.size == (120, 40) and np.array_equal(np.asarray(got), np.asarray(canvas))
+    assert "Postprocess upscale to: 120x40" in got.info["postprocessing"]
+
+    got = single(upscaler_1="Lanczos", upscaler_2="Nearest", extras_upscaler_2_visibility=0.25)
+    first = source.resize((100, 60), lanczos).resize((96, 56), lanczos)
+    second = source.resize((100, 60), Image.Resampling.NEAREST).resize((96, 56), lanczos)
+    assert np.array_equal(np.asarray(got), np.asarray(Image.blend(first, second, 0.25)))
+    assert single().size == source.size  # upscaler "None": the image as it was
+
+    status, answer = call(url, "/sdapi/v1/extra-batch-images", {
+        "imageList": [{"data": image, "name": "a.png"}, {"data": RED_PNG, "name": "b.png"}],
+        "upscaler_1": "Lanczos", "upscaling_resize": 1.5,
+    })  # fmt: skip
+    assert status == 200 and len(answer["images"]) == 2 and "Lanczos" in answer["html_info"], answer

@@ -246,7 +246,7 @@ def test_webuiapi_as_its_users_call_it(pipe, served):
     params = GenerationParams(
         "a blue square", "red", 3, "Euler a", cfg_scale=6.0, seed=11, a1111=True, **SIZE
     )
-    expected = pipe.run(params)[0]
+    expected = expected_txt2img = pipe.run(params)[0]
     assert _same(result.image, expected) and result.info["all_seeds"] == [11]
     assert result.image.info["parameters"] == expected.info["parameters"]
     again = api.img2img(
@@ -267,6 +267,9 @@ def test_webuiapi_as_its_users_call_it(pipe, served):
     outside = np.asarray(mask) == 0  # no blur: pixels outside the mask stay the input's
     source = np.asarray(result.image.convert("RGB"))
     assert np.array_equal(np.asarray(inpainted.image)[outside], source[outside])
+    upscaled = api.extra_single_image(result.image, upscaler_1=webuiapi.Upscaler.Lanczos, upscaling_resize=2)
+    assert upscaled.image.size == (128, 128) and upscaled.info.startswith("<p>Postprocess upscale by: 2")
+    assert upscaled.image.info["parameters"] == expected_txt2img.info["parameters"]
     assert "DPM++ 2M" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
     assert api.util_get_current_model() == "tiny [0123456789]"
     assert api.util_get_model_names() == ["tiny [0123456789]"]

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from . import models
+from . import extras, models
 from .catalog import memory
 from .parse import BadRequestError, parse_request, png_info
 from .service import Service
@@ -257,6 +257,17 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
     @app.post("/sdapi/v1/png-info", response_model=models.PNGInfoResponse, tags=["images"])
     async def png_info_route(body: models.PNGInfoRequest) -> dict[str, Any]:
         return await run_in_threadpool(png_info, body.image)
+
+    @app.post("/sdapi/v1/extra-single-image", response_model=models.ExtrasSingleImageResponse,
+              tags=["images"])  # fmt: skip
+    async def extra_single_image_route(body: models.ExtrasSingleImageRequest) -> dict[str, Any]:
+        """A1111's Extras upscale of one image with a built-in upscaler (None, Lanczos, Nearest)."""
+        return await run_in_threadpool(extras.extra_single_image, body.model_dump())
+
+    @app.post("/sdapi/v1/extra-batch-images", response_model=models.ExtrasBatchImagesResponse,
+              tags=["images"])  # fmt: skip
+    async def extra_batch_images_route(body: models.ExtrasBatchImagesRequest) -> dict[str, Any]:
+        return await run_in_threadpool(extras.extra_batch_images, body.model_dump())
 
     # --- options and listings -------------------------------------------------------------------------
 

@@ -114,6 +114,49 @@ class GenerationResponse(BaseModel):
     info: str = Field(description="JSON: seeds, infotexts, warnings, ignored_fields, ...")
 
 
+class _ExtrasRequest(BaseModel):
+    """ExtrasBaseRequest: the Extras tab's upscale (sd.upscalers' built-in upscalers)."""
+
+    model_config = _CONFIG
+
+    resize_mode: int = Field(0, ge=0, le=1, description="0: upscale by upscaling_resize; 1: to _w x _h")
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0, ge=0, le=1, description="face restoration: not available, 0 only")
+    codeformer_visibility: float = Field(0, ge=0, le=1, description="not available either, 0 only")
+    codeformer_weight: float = Field(0, ge=0, le=1)
+    upscaling_resize: float = Field(2, ge=1, le=8)
+    upscaling_resize_w: int = Field(512, ge=1)
+    upscaling_resize_h: int = Field(512, ge=1)
+    upscaling_crop: bool = True
+    upscaler_1: str = Field("None", description="None, Lanczos or Nearest (model upscalers are refused)")
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(_ExtrasRequest):
+    image: str = Field("", description="base64 image (or a data URL)")
+
+
+class FileData(BaseModel):
+    data: str = Field(description="base64 image (or a data URL)")
+    name: str
+
+
+class ExtrasBatchImagesRequest(_ExtrasRequest):
+    imageList: list[FileData]  # noqa: N815 (A1111's name)
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str
+    image: str | None = None
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str
+    images: list[str]
+
+
 class PNGInfoRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     image: str = Field(description="base64 PNG (or a data URL)")

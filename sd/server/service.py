@@ -19,13 +19,14 @@ from typing import Any
 
 from PIL import Image
 
-from ..hires import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
+from ..hires import LATENT_UPSCALE_MODES
 from ..images import save_png
 from ..params import GenerationParams
 from ..pipeline import Pipeline, model_calls
 from ..samplers import ALIASES, SAMPLERS
 from ..samplers.a1111 import catalogue
 from ..samplers.sigmas import SCHEDULE_TYPES
+from ..upscalers import IMAGE_UPSCALERS
 from . import catalog
 from .catalog import Checkpoint
 from .jobs import Job, JobInterruptedError, JobQueue
