@@ -48,6 +48,7 @@ from .hires import (
 from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .inpaint import DEFAULT_FILL, DEFAULT_MASK_BLUR, DEFAULT_PADDING, InpaintSettings
 from .inpaint_sampling import InpaintJob, is_inpainting_model
+from .kernels import forget_folded_kernels
 from .models import config_of
 from .networks import (
     ActiveLora,
@@ -408,6 +409,7 @@ class Pipeline:
         latents = latents.to(dtype_of(decoder))
         tiled = self.tiles_vae(latents)
         scale = self.config.vae.downscale
+        forget_folded_kernels(self.models["diffusion"])  # the next image folds them again; here they'd add
         with large_buffers_from_kernel():  # the VAE's few huge activations would fragment the heap
             images = np.concatenate([
                 tensor_to_uint8(

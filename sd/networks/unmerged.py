@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..kernels import forget_folded_kernels
 from .deltas import kind_of, network_scale
 from .merge import ActiveLora, NetworkSet, layer_delta, layer_parts
 
@@ -44,7 +45,9 @@ class UnmergedNetworks(NetworkSet):
         for layer in self._layers:
             # leave_parametrized=False: the stored weight goes back as it was, untouched
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-            _forget_derived(layer)
+            # what the layer derived from its weight (the upsampling conv's folded kernels): a parametrized
+            # weight is a new tensor at each read, whose address a later set's weight could reuse
+            forget_folded_kernels(layer)
         self._layers.clear()
         self._applied = ()
 
@@ -67,12 +70,9 @@ class UnmergedNetworks(NetworkSet):
                     full = delta * multiplier if full is None else full + delta * multiplier
             full = full.to(weight.device) if full is not None else None
             parametrize.register_parametrization(layer, "weight", _AddDeltas(low_rank, full))
-            _forget_derived(layer)
+            # what the layer derived from its weight (the upsampling conv's folded kernels): a parametrized
+            # weight is a new tensor at each read, whose address a later set's weight could reuse
+            forget_folded_kernels(layer)
             self._layers.append(layer)
 
 
-def _forget_derived(layer: nn.Module) -> None:
-    """Drop what a layer derived from its weight (the upsampling conv's folded kernels): a parametrized
-    weight is a new tensor at each read, whose address a later set's weight could reuse."""
-    if hasattr(layer, "_phase_kernels"):
-        del layer._phase_kernels
