@@ -22,6 +22,13 @@ def vae_norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
+def norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """silu(norm(x)), the SiLU in place on the norm's fresh output where no gradient needs it: at 1024²
+    each of those tensors is 0.5-1 GB, and a second copy was the decode's peak."""
+    h = norm(x)
+    return F.silu(h, inplace=not (torch.is_grad_enabled() and h.requires_grad))
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
@@ -34,8 +41,8 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h))
         return self.nin_shortcut(x) + h
 
 
@@ -97,10 +104,17 @@ class VAELevel(nn.Module):
         if resample:
             self.add_module(*resample)
 
+    def layers(self) -> list[nn.Module]:
+        """Its modules in running order. The encoder and decoder run them in their own loop, so that no
+        frame keeps a level's input alive after its first block (at 1024² the decoder's last level is
+        given 1 GB: held through the level, it was the decode's peak)."""
+        resample = [getattr(self, self.resample_name)] if self.resample_name else []
+        return [*self.block, *resample]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        return getattr(self, self.resample_name)(x) if self.resample_name else x
+        for layer in self.layers():
+            x = layer(x)
+        return x
 
 
 class VAEDecoderNet(nn.Module):
@@ -129,8 +143,9 @@ class VAEDecoderNet(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+            for layer in level.layers():
+                x = layer(x)
+        return self.conv_out(norm_silu(self.norm_out, x))
 
 
 class Decoder(nn.Module):

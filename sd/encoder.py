@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .decoder import MidBlock, VAELevel, vae_norm
+from .decoder import MidBlock, VAELevel, norm_silu, vae_norm
 
 
 @dataclass
@@ -72,8 +72,9 @@ class VAEEncoderNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for level in self.down:
-            x = level(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+            for layer in level.layers():  # not level(x): see VAELevel.layers
+                x = layer(x)
+        return self.conv_out(norm_silu(self.norm_out, self.mid(x)))
 
 
 class Encoder(nn.Module):
