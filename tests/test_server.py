@@ -309,6 +309,8 @@ def test_routes_and_unknown_paths(served):
     status, answer = call(url, "/sdapi/v1/txt2imgs", {})
     assert status == 404 and "no route POST /sdapi/v1/txt2imgs" in answer["detail"]
     assert call(url, "/sdapi/v1/txt2img")[0] == 405  # GET of a POST route (FastAPI's answer, as A1111's)
+    status, answer = call(url, "/sdapi/v1/interrogate", {"image": RED_PNG, "model": "clip"})
+    assert status == 404 and "interrogator models" in answer["detail"]  # A1111's, named with the reason
 
 
 A1111_LISTINGS = {
@@ -316,6 +318,7 @@ A1111_LISTINGS = {
     "/sdapi/v1/upscalers": list, "/sdapi/v1/latent-upscale-modes": list, "/sdapi/v1/prompt-styles": list,
     "/sdapi/v1/scripts": dict, "/sdapi/v1/cmd-flags": dict, "/sdapi/v1/memory": dict,
     "/sdapi/v1/embeddings": dict, "/sdapi/v1/hypernetworks": list, "/sdapi/v1/face-restorers": list,
+    "/sdapi/v1/sd-modules": list,
 }  # fmt: skip
 
 

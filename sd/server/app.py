@@ -36,6 +36,21 @@ MAX_BODY_BYTES = 64 * 2**20
 BODY_TIMEOUT_S = 30.0  # a sender that sends nothing for this long is cut off (408)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "webui" / "static"
 DISCONNECT_POLL_S = 0.25
+# A1111's routes that need what sd does not have: each answers 404 saying why, not a bare "no route"
+NOT_SERVED = {
+    "/sdapi/v1/interrogate": "it needs the CLIP or DeepBooru interrogator models",
+    "/sdapi/v1/create/embedding": "textual inversion training is not part of sd (`sd train` trains the U-Net "
+    "and the VAE)",
+    "/sdapi/v1/create/hypernetwork": "hypernetworks are not supported",
+    "/sdapi/v1/train/embedding": "textual inversion training is not part of sd",
+    "/sdapi/v1/train/hypernetwork": "hypernetworks are not supported",
+    "/sdapi/v1/unload-checkpoint": "the model stays loaded; `sd serve` runs one pipeline for its lifetime",
+    "/sdapi/v1/reload-checkpoint": "the model stays loaded; switch with POST /sdapi/v1/options "
+    "sd_model_checkpoint",
+    "/sdapi/v1/server-kill": "stop the `sd serve` process instead",
+    "/sdapi/v1/server-restart": "restart the `sd serve` process instead",
+    "/sdapi/v1/server-stop": "stop the `sd serve` process instead",
+}
 MISSING_UI = """<!doctype html><html><head><meta charset="utf-8"><title>sd</title></head><body>
 <h1>sd serve</h1><p>The web UI is not installed (no sd/webui/static/index.html).
 The A1111-style API is at <a href="/docs">/docs</a>.</p></body></html>"""
@@ -302,6 +317,7 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
         "/sdapi/v1/face-restorers": (list, list[dict[str, Any]]),
         "/sdapi/v1/realesrgan-models": (list, list[dict[str, Any]]),
         "/sdapi/v1/extensions": (list, list[dict[str, Any]]),
+        "/sdapi/v1/sd-modules": (list, list[dict[str, Any]]),
     }  # fmt: skip
     for path, (function, shape) in listings.items():
         app.add_api_route(path, _listing(function), methods=["GET"], response_model=shape, tags=["listings"],
@@ -314,6 +330,9 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
     async def refresh_embeddings() -> None:
         """Read the embeddings folder again (between jobs; this answers once done)."""
         await asyncio.wrap_future(service.refresh_embeddings().future)
+
+    for path, why in NOT_SERVED.items():
+        app.add_api_route(path, _not_served(path, why), methods=["POST"], include_in_schema=False)
 
     guarded: Any = BodyGuard(app, limit=max_body, timeout=body_timeout)
     if cors_origins or cors_regex:
@@ -328,6 +347,13 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
     app.state.service = service
     app.state.asgi = guarded  # what the server runs: the app behind its guards
     return app
+
+
+def _not_served(path: str, why: str):
+    async def route() -> None:
+        raise StarletteHTTPException(404, f"{path} is A1111's, not served here: {why}")
+
+    return route
 
 
 def _listing(function):
