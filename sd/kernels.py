@@ -107,7 +107,9 @@ def _phase_kernels(conv: nn.Conv2d, dtype: torch.dtype, memory_format: torch.mem
 
 def forget_folded_kernels(module: nn.Module) -> None:
     """Drop the folded kernels `module`'s upsampling convs keep (SD1.5's U-Net: 0.24 GB in fp32); the next
-    call folds them again."""
+    call folds them again. A compiled stand-in (the OpenVINO backend's) keeps none."""
+    if not isinstance(module, nn.Module):
+        return
     for layer in module.modules():
         if hasattr(layer, "_phase_kernels"):
             del layer._phase_kernels
