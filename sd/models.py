@@ -52,3 +52,8 @@ def config_of(models: dict[str, nn.Module]) -> ModelConfig:
         unet=models["diffusion"].config,
         schedule=getattr(models["diffusion"], "schedule", None) or ScheduleConfig(),
     )
+
+
+def dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype a component computes in (its weights')."""
+    return next(model.parameters()).dtype

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from .a1111_sampling import bind_a1111_sampler, sample_a1111
 from .allocator import large_buffers_from_kernel, tune_malloc
 from .checkpoints import (
     BUILTIN_MODEL,
@@ -49,7 +50,7 @@ from .images import pil_to_tensor, tensor_to_uint8, to_rgb
 from .inpaint import DEFAULT_FILL, DEFAULT_MASK_BLUR, DEFAULT_PADDING, InpaintSettings
 from .inpaint_sampling import InpaintJob, is_inpainting_model
 from .kernels import forget_folded_kernels
-from .models import config_of
+from .models import config_of, dtype_of
 from .networks import (
     ActiveLora,
     LoraCache,
@@ -60,15 +61,11 @@ from .networks import (
     lora_hashes,
     lora_tag,
 )
-from .noise import ImageNoise
 from .params import GenerationParams
 from .prompts import NetworkTag, extract_networks, lora_multipliers
 from .samplers import Sampler, eps_from_v, get_sampler
-from .samplers.a1111 import bind
-from .samplers.lcm import lcm_denoised
 from .samplers.schedule import abar_at, alphas_cumprod, train_sigmas
-from .samplers.sigmas import ldm_alphas_cumprod
-from .samplers.timesteps import CFGPP_SCALE, TimestepsSampler
+from .steps import Step, StepCallback
 from .tokenizer import CLIPTokenizer
 from .vae_swap import VAE_AUTOMATIC, VAE_NONE, VAEFileError, VAESwap, find_vae, read_vae, vae_hash, vae_name
 
@@ -80,20 +77,6 @@ TILE_ABOVE_LATENTS = 128 * 128
 MIN_SIZE, MAX_SIZE = 64, 2048
 
 
-@dataclass(frozen=True)
-class Step:
-    """One model call of the denoising loop: `index` of `total`, at U-Net `timestep`; `latents` the
-    sampler's (noisy) ones after it, `denoised` the call's guided clean-image prediction (what A1111's
-    live previews show and an interrupt returns)."""
-
-    index: int
-    total: int
-    timestep: float
-    latents: torch.Tensor
-    denoised: torch.Tensor | None = None
-
-
-StepCallback = Callable[[Step], None]
 # A LoRA's strength: one for both models, or (text encoder, U-Net).
 LoraWeight = float | tuple[float, float]
 # The tag kinds A1111's built-in Lora extension answers to ("lyco": the old LyCORIS extension's).
@@ -131,22 +114,8 @@ def check_settings(steps: int, cfg_scale: float, strength: float | None = None) 
         raise ValueError(f"strength must be in (0, 1], got {strength}")
 
 
-def dtype_of(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
-
-
 def new_seed() -> int:
     return random.SystemRandom().randrange(2**32)
-
-
-def bind_a1111_sampler(params: GenerationParams, schedule: ScheduleConfig):
-    """The A1111 sampler a run's parameters ask for (sd.samplers.a1111.bind)."""
-    return bind(
-        params.sampler, params.steps, ldm_alphas_cumprod(schedule, downcast=params.downcast_alphas),
-        params.schedule, eta=params.eta, eta_ddim=params.eta_ddim, s_churn=params.s_churn,
-        s_tmin=params.s_tmin, s_tmax=params.s_tmax, s_noise=params.s_noise, sigma_min=params.sigma_min,
-        sigma_max=params.sigma_max, rho=params.rho, discard_penultimate=params.discard_penultimate,
-    )  # fmt: skip
 
 
 def model_calls(params: GenerationParams, schedule: ScheduleConfig) -> int:
@@ -568,151 +537,7 @@ class Pipeline:
         return step.latents, conditioning, guidance, {}
 
     def _sample_a1111(self, params, shape, eta, callback, image, init: SecondPass | None = None, job=None):
-        """A1111's way: its sampler set over the k-diffusion denoiser, one noise stream per image. `init`:
-        the hires pass's start (sd.hires), img2img from its latents for exactly its steps. `job`:
-        inpainting (sd.inpaint_sampling)."""
-        job = job or self._unmasked_job()
-        sampler = bind_a1111_sampler(params, self.config.schedule)
-        if init is None:
-            conditioning = self.condition(params, sampler.total_steps)
-        else:  # A1111's hires conds: prompt-editing steps counted on from the first pass's
-            conditioning = self.condition(params, init.first_total, hires_steps=init.hires_total)
-        cfg_scale = params.cfg_scale
-        if isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp:
-            cfg_scale *= CFGPP_SCALE  # DDIM CFG++ guides at a fraction of the scale (the PNG keeps the scale)
-        cfgpp = isinstance(sampler, TimestepsSampler) and sampler.spec.cfgpp
-        guidance = Guidance(conditioning, cfg_scale, a1111=True, needs_uncond=cfgpp)
-        images = [params.a1111_image(i) for i in range(shape[0])]
-        seeds, subseeds = [p.seed for p in images], [p.subseed or 0 for p in images]
-        noise = ImageNoise(shape[1:], seeds, params.rng, subseeds, params.subseed_strength,
-                           params.seed_resize_from, params.ensd)  # fmt: skip
-        x = noise.next().to(self.device)
-        masked = job is not None and job.masked
-        if isinstance(sampler, TimestepsSampler):
-            if job is not None:
-                job.condition(self, image, shape, None, a1111=True)
-            return self._sample_timesteps(sampler, params, x, noise, guidance, conditioning, callback, image,
-                                          init, job)  # fmt: skip
-        start = 0
-        if init is not None:
-            start = second_pass_start(sampler, init.steps)
-            x = init.latents.to(self.device) + x * sampler.sigmas[start]
-            if job is not None:  # an inpainting model's hires pass: a mask of ones, as in txt2img
-                job.condition(self, None, shape, None, a1111=True)
-        elif image is None:
-            x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
-            if job is not None:
-                job.condition(self, None, shape, None, a1111=True)
-        else:
-            # A1111 samples the VAE posterior from an RNG the seed does not control: the mean is the
-            # reproducible part of it.
-            start = sampler.img2img_start(params.strength)
-            clean = self.encode_image(image, None).float().expand(shape[0], -1, -1, -1)
-            if job is not None:
-                job.condition(self, image, shape, None, a1111=True)
-                # A1111's "latent noise": the images' seeds' first noise, drawn on its own
-                clean = job.fill_latents(clean, lambda: ImageNoise(shape[1:], seeds, params.rng).next())
-                job.clean = clean
-            x = clean + x * params.noise_multiplier * sampler.sigmas[start]
-
-        unet = self._use("diffusion")
-        dtype = dtype_of(unet)
-        v_prediction = self.config.schedule.prediction_type == "v_prediction"
-        timestep = [0.0]  # of the latest model call, for the progress callback
-
-        lcm = sampler.spec.denoiser == "lcm"
-
-        def denoised(x_in: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            """k-diffusion's CompVisDenoiser (CompVisVDenoiser for v-prediction) over our U-Net; for LCM,
-            A1111's LCM denoiser (its own timesteps, the boundary condition; eps even for v models)."""
-            c_in = 1 / (sigma**2 + 1) ** 0.5
-            t = sampler.table.sigma_to_t(sigma)
-            timestep[0] = float(t)
-            scaled = x_in * c_in
-            if job is not None:
-                scaled = job.unet_input(scaled)
-            out = unet(scaled.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
-            if lcm:
-                return lcm_denoised(x_in, x_in + out * -sigma, t)
-            if v_prediction:
-                return out * (-sigma / (sigma**2 + 1) ** 0.5) + x_in * (1 / (sigma**2 + 1))
-            return x_in + out * -sigma
-
-        last = [None]  # the latest call's clean-image prediction
-
-        @torch.no_grad()
-        def model(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            out = guidance(denoised, x_in, sigma)
-            last[0] = out = job.blend(out) if masked else out
-            return out
-
-        total = sampler.calls(start)
-        latents = x
-        img2img = image is not None or init is not None
-        for index, latents in enumerate(sampler.sample(model, x, noise, start, img2img=img2img)):
-            if callback is not None:
-                callback(Step(index, total, timestep[0], latents, last[0]))
-        self._release("diffusion")
-        if masked:  # and once more after sampling (StableDiffusionProcessingImg2Img.sample)
-            latents = job.blend(latents)
-        # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
-        return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
-
-    def _sample_timesteps(
-        self, sampler, params, x, noise, guidance, conditioning, callback, image, init=None, job=None
-    ):  # fmt: skip
-        """A1111's own DDIM, PLMS and UniPC: CFG on the U-Net's eps at (integer or continuous) timesteps."""
-        masked = job is not None and job.masked
-        start = 0
-        if init is not None:
-            start = second_pass_start(sampler, init.steps)
-            x = sampler.img2img_latent(init.latents.to(self.device), x, start)
-        elif image is None:
-            x = sampler.txt2img_latent(x)
-        else:
-            start = sampler.img2img_start(params.strength)
-            clean = self.encode_image(image, None).float().expand(x.shape[0], -1, -1, -1)
-            if masked:  # as in _sample_a1111: the fills, then the latents the blends keep
-                seeds = [params.a1111_image(i).seed for i in range(x.shape[0])]
-                clean = job.fill_latents(clean, lambda: ImageNoise(x.shape[1:], seeds, params.rng).next())
-                job.clean = clean
-            x = sampler.img2img_latent(clean, x * params.noise_multiplier, start)
-        unet = self._use("diffusion")
-        dtype = dtype_of(unet)
-        v_prediction = self.config.schedule.prediction_type == "v_prediction"
-        alphas = sampler.alphas_cumprod
-        timestep = [0.0]
-
-        def eps(x_in: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            timestep[0] = float(t)
-            x_unet = job.unet_input(x_in) if job is not None else x_in
-            out = unet(x_unet.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
-            if v_prediction:  # A1111's CompVisTimestepsVDenoiser, at the truncated timestep
-                a = alphas[t.long()].to(x_in)
-                return a.sqrt() * out + (1 - a).sqrt() * x_in
-            return out
-
-        last = [None]  # the latest call's clean-image prediction (A1111's get_pred_x0)
-
-        @torch.no_grad()
-        def model(x_in: torch.Tensor, t: torch.Tensor):
-            if masked:  # A1111 v1.10.1's timestep samplers blend the U-Net's input, not its output
-                x_in = job.blend(x_in)
-            guided = guidance(eps, x_in, t)
-            a = alphas[t.long()].to(x_in).reshape(-1, 1, 1, 1)
-            last[0] = (x_in - (1 - a).sqrt() * guided) / a.sqrt()
-            return (guided, guidance.uncond_output) if sampler.spec.cfgpp else guided
-
-        total = sampler.calls(start)
-        latents = x
-        for index, latents in enumerate(sampler.sample(model, x, noise, start)):
-            if callback is not None:
-                callback(Step(index, total, timestep[0], latents, last[0]))
-        self._release("diffusion")
-        if masked:  # and once more after sampling, as for the k-diffusion samplers
-            latents = job.blend(latents)
-        eta = sampler.eta if sampler.spec.takes_eta and sampler.eta else None
-        return latents, conditioning, guidance, {"sampler": sampler.label, "eta": None, "eta_ddim": eta}
+        return sample_a1111(self, params, shape, eta, callback, image, init, job)
 
     def _with_params(self, image: Image.Image, params: GenerationParams) -> Image.Image:
         # The text travels in image.info["parameters"]; save_png writes it into the PNG.

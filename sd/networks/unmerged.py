@@ -74,5 +74,3 @@ class UnmergedNetworks(NetworkSet):
             # weight is a new tensor at each read, whose address a later set's weight could reuse
             forget_folded_kernels(layer)
             self._layers.append(layer)
-
-
