@@ -60,30 +60,28 @@ def sample_a1111(
                        params.seed_resize_from, params.ensd)  # fmt: skip
     x = noise.next().to(pipe.device)
     masked = job is not None and job.masked
+    if job is not None:  # the latent mask and 9-channel input; txt2img and the hires pass: a mask of ones
+        job.condition(pipe, image, shape, None, a1111=True)
+
+    def fill_noise() -> torch.Tensor:  # A1111's "latent noise": the images' seeds' first noise, on its own
+        return ImageNoise(shape[1:], seeds, params.rng).next()
+
     if isinstance(sampler, TimestepsSampler):
-        if job is not None:
-            job.condition(pipe, image, shape, None, a1111=True)
         return _sample_timesteps(pipe, sampler, params, x, noise, guidance, conditioning, callback, image,
-                                      init, job)  # fmt: skip
+                                 init, job, fill_noise)  # fmt: skip
     start = 0
     if init is not None:
         start = second_pass_start(sampler, init.steps)
         x = init.latents.to(pipe.device) + x * sampler.sigmas[start]
-        if job is not None:  # an inpainting model's hires pass: a mask of ones, as in txt2img
-            job.condition(pipe, None, shape, None, a1111=True)
     elif image is None:
         x = x * ((1 + sampler.sigmas[0] ** 2) ** 0.5 if params.sgm_noise else sampler.sigmas[0])
-        if job is not None:
-            job.condition(pipe, None, shape, None, a1111=True)
     else:
         # A1111 samples the VAE posterior from an RNG the seed does not control: the mean is the
         # reproducible part of it.
         start = sampler.img2img_start(params.strength)
         clean = pipe.encode_image(image, None).float().expand(shape[0], -1, -1, -1)
         if job is not None:
-            job.condition(pipe, image, shape, None, a1111=True)
-            # A1111's "latent noise": the images' seeds' first noise, drawn on its own
-            clean = job.fill_latents(clean, lambda: ImageNoise(shape[1:], seeds, params.rng).next())
+            clean = job.fill_latents(clean, fill_noise)
             job.clean = clean
         x = clean + x * params.noise_multiplier * sampler.sigmas[start]
 
@@ -132,7 +130,7 @@ def sample_a1111(
 
 
 def _sample_timesteps(
-    pipe: Pipeline, sampler, params, x, noise, guidance, conditioning, callback, image, init=None, job=None
+    pipe: Pipeline, sampler, params, x, noise, guidance, conditioning, callback, image, init, job, fill_noise
 ):  # fmt: skip
     """A1111's own DDIM, PLMS and UniPC: CFG on the U-Net's eps at (integer or continuous) timesteps."""
     masked = job is not None and job.masked
@@ -145,9 +143,8 @@ def _sample_timesteps(
     else:
         start = sampler.img2img_start(params.strength)
         clean = pipe.encode_image(image, None).float().expand(x.shape[0], -1, -1, -1)
-        if masked:  # as in _sample_a1111: the fills, then the latents the blends keep
-            seeds = [params.a1111_image(i).seed for i in range(x.shape[0])]
-            clean = job.fill_latents(clean, lambda: ImageNoise(x.shape[1:], seeds, params.rng).next())
+        if masked:  # as in sample_a1111: the fills, then the latents the blends keep
+            clean = job.fill_latents(clean, fill_noise)
             job.clean = clean
         x = sampler.img2img_latent(clean, x * params.noise_multiplier, start)
     unet = pipe._use("diffusion")
