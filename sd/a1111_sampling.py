@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .guidance import Guidance
+from .guidance import Guidance, UncondSkip
 from .hires import SecondPass, second_pass_start
 from .models import dtype_of
 from .noise import ImageNoise
@@ -85,6 +85,7 @@ def sample_a1111(
             job.clean = clean
         x = clean + x * params.noise_multiplier * sampler.sigmas[start]
 
+    guidance.skip = uncond_skip(params, sampler.denoiser_steps(start))
     unet = pipe._use("diffusion")
     dtype = dtype_of(unet)
     v_prediction = pipe.config.schedule.prediction_type == "v_prediction"
@@ -126,7 +127,25 @@ def sample_a1111(
     if masked:  # and once more after sampling (StableDiffusionProcessingImg2Img.sample)
         latents = job.blend(latents)
     # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
-    return latents, conditioning, guidance, {"sampler": sampler.label, "schedule": sampler.schedule_label}
+    resolved = {"sampler": sampler.label, "schedule": sampler.schedule_label}
+    return latents, conditioning, guidance, {**resolved, **skips_taken(params, guidance)}
+
+
+def uncond_skip(params: GenerationParams, total_steps: int) -> UncondSkip | None:
+    """A1111's skips of the negative pass the parameters ask for ("Skip Early CFG", NGMS), if any."""
+    if not (params.skip_early_cond or params.s_min_uncond):
+        return None
+    return UncondSkip(total_steps, params.skip_early_cond, params.s_min_uncond, params.s_min_uncond_all)
+
+
+def skips_taken(params: GenerationParams, guidance: Guidance) -> dict:
+    """The skip settings as A1111 writes them: each only where it skipped a call."""
+    ngms = "ngms" in guidance.skipped
+    return {
+        "skip_early_cond": params.skip_early_cond if "early" in guidance.skipped else 0.0,
+        "s_min_uncond": params.s_min_uncond if ngms else 0.0,
+        "s_min_uncond_all": params.s_min_uncond_all and ngms,
+    }
 
 
 def _sample_timesteps(
@@ -147,6 +166,8 @@ def _sample_timesteps(
             clean = job.fill_latents(clean, fill_noise)
             job.clean = clean
         x = sampler.img2img_latent(clean, x * params.noise_multiplier, start)
+    img2img = image is not None or init is not None
+    guidance.skip = uncond_skip(params, sampler.denoiser_steps(start, img2img=img2img))
     unet = pipe._use("diffusion")
     dtype = dtype_of(unet)
     v_prediction = pipe.config.schedule.prediction_type == "v_prediction"
@@ -182,7 +203,8 @@ def _sample_timesteps(
     if masked:  # and once more after sampling, as for the k-diffusion samplers
         latents = job.blend(latents)
     eta = sampler.eta if sampler.spec.takes_eta and sampler.eta else None
-    return latents, conditioning, guidance, {"sampler": sampler.label, "eta": None, "eta_ddim": eta}
+    resolved = {"sampler": sampler.label, "eta": None, "eta_ddim": eta}
+    return latents, conditioning, guidance, {**resolved, **skips_taken(params, guidance)}
 
 
-__all__ = ["bind_a1111_sampler", "sample_a1111"]
+__all__ = ["bind_a1111_sampler", "sample_a1111", "skips_taken", "uncond_skip"]

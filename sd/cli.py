@@ -154,6 +154,11 @@ def resolve_params(args: argparse.Namespace):
         params = replace(params, sampler=label, schedule=schedule, karras=False)
         if args.eta is not None:
             params = replace(params, eta=args.eta)
+        skips = {"skip_early_cond": args.skip_early_cfg, "s_min_uncond": args.ngms,
+                 "s_min_uncond_all": args.ngms_all_steps}  # fmt: skip
+        params = replace(params, **{k: v for k, v in skips.items() if v is not None})
+    elif any(v is not None for v in (args.skip_early_cfg, args.ngms, args.ngms_all_steps)):
+        raise ValueError("--skip-early-cfg and --ngms are A1111's settings: they need --way a1111")
         if params.hr_sampler_name is not None:  # as the first pass's: A1111's names, or ours
             label, named_schedule = a1111_sampler(params.hr_sampler_name)
             params = replace(
@@ -408,7 +413,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .config import SD15
     from .images import load_image, save_png
-    from .pipeline import check_hires_settings, check_settings, check_size, model_calls
+    from .pipeline import check_hires_settings, check_settings, check_size, check_uncond_skips, model_calls
     from .prompts import check_prompt
 
     params = resolve_params(args)
@@ -428,6 +433,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if params.enable_hr:
         check_hires_settings(params)
     check_settings(params.steps, params.cfg_scale, params.strength)
+    check_uncond_skips(params)
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
     total = model_calls(params, SD15.schedule)  # also refuses a strength that leaves no steps
@@ -792,6 +798,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--rng", choices=("gpu", "cpu", "nv", "GPU", "CPU", "NV"), help="noise source (default GPU)"
     )
     a1111.add_argument("--ensd", type=int, help="eta noise seed delta, e.g. 31337 (default 0)")
+    a1111.add_argument(
+        "--skip-early-cfg", type=float, metavar="F",
+        help="leave out the negative prompt for this fraction of the steps from the start (A1111's "
+        "'Ignore negative prompt during early sampling', 'Skip Early CFG'; default 0: off)",
+    )  # fmt: skip
+    a1111.add_argument(
+        "--ngms", type=float, metavar="SIGMA",
+        help="leave out the negative prompt every other step once sigma is below SIGMA, e.g. 1.5: faster "
+        "(A1111's 'Negative Guidance minimum sigma', NGMS; default 0: off)",
+    )  # fmt: skip
+    a1111.add_argument(
+        "--ngms-all-steps", action="store_true", default=None, help="--ngms on every step below it"
+    )
     a1111.add_argument("--variation-seed", type=int, metavar="S", help="A1111's variation seed (subseed)")
     a1111.add_argument(
         "--variation-strength", type=float, metavar="F", help="how much of it, 0..1 (default 0)"

@@ -10,11 +10,16 @@ Batching: the negative and positive contexts go through the U-Net in one batch w
 length (the common case, and what diffusers does); a longer prompt (154 tokens against 77) runs as two
 calls, A1111's default, unless "Pad conds" pads the shorter one with copies of the empty prompt's
 conditioning. AND parts of different lengths are padded by repeating their last vector, as A1111 does.
+
+A1111 can also skip the negative pass (`UncondSkip`): on the first part of a run ("Skip Early CFG") and,
+every other call, once sigma is low ("NGMS"); such a call returns the prompt's prediction, AND parts
+combined around their first part at scale 1 (A1111's combine_denoised with the first part as uncond).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -36,19 +41,50 @@ def pad_with_empty(context: torch.Tensor, length: int, empty: torch.Tensor) -> t
     return context if repeats <= 0 else torch.cat([context, empty.repeat(repeats, 1)])
 
 
+@dataclass(frozen=True)
+class UncondSkip:
+    """When A1111's CFG denoiser (v1.10.1) leaves out the negative pass.
+
+    `total_steps`: the calls it expects (launch_sampling's count: txt2img its steps, img2img t_enc + 1,
+    doubled for second-order samplers); `early`: skip_early_cond, the fraction of them from the start;
+    `min_sigma`: s_min_uncond (NGMS), on odd calls below that sigma (the timestep samplers compare their
+    timestep, as A1111 does); `every_call`: s_min_uncond_all, on every such call."""
+
+    total_steps: int
+    early: float = 0.0
+    min_sigma: float = 0.0
+    every_call: bool = False
+
+    def reason(self, call: int, sigma: float) -> str | None:
+        """Why model call `call` at `sigma` skips the negative pass: "early", "ngms"; None: it does not."""
+        if self.early and call / self.total_steps <= self.early:
+            return "early"
+        if (call % 2 or self.every_call) and self.min_sigma > 0 and sigma < self.min_sigma:
+            return "ngms"
+        return None
+
+
 class Guidance:
     """The guided model of one run: call it as model(x, t) once per model call.
 
     `a1111`: A1111's CFG denoiser instead of diffusers' rule: guidance at every scale but exactly 1 (see
     below), and its batch layout, conditional rows first (image by image, each image's AND parts
     together), then the unconditional ones; with different lengths the conditional call comes first.
-    `needs_uncond`: always run the unconditional pass (DDIM CFG++ steps along it).
+    `needs_uncond`: always run the unconditional pass (DDIM CFG++ steps along it). `skip`: A1111's
+    skips of the negative pass (`skipped` then says which happened).
     """
 
     def __init__(
-        self, conditioning: Conditioning, cfg_scale: float, a1111: bool = False, needs_uncond: bool = False
+        self,
+        conditioning: Conditioning,
+        cfg_scale: float,
+        a1111: bool = False,
+        needs_uncond: bool = False,
+        skip: UncondSkip | None = None,
     ):
         self.conditioning = conditioning
+        self.skip = skip
+        self.skipped: set[str] = set()  # UncondSkip reasons that took effect (A1111 writes only those)
         self.cfg_scale = cfg_scale
         self.a1111 = a1111
         parts = conditioning.parts
@@ -95,8 +131,16 @@ class Guidance:
             length = max(uncond.shape[0], length)
             uncond = pad_with_empty(uncond, length, empty)
             conds = [pad_with_empty(c, length, empty) for c in conds]
-        uncond_rows = uncond[None].expand(batch, -1, -1)
         x_cond, cond_rows, split = self._cond_batch(x, conds)
+        reason = self.skip.reason(call, float(t.flatten()[0])) if self.skip is not None else None
+        if reason is not None:
+            self.skipped.add(reason)
+            cond_outs = split(model(x_cond, cond_rows, t))
+            self.uncond_output = result = cond_outs[0]  # A1111's stand-in for the skipped output
+            for cond_out, (_, weight) in zip(cond_outs[1:], parts[1:], strict=True):
+                result = result + weight * (cond_out - cond_outs[0])
+            return result
+        uncond_rows = uncond[None].expand(batch, -1, -1)
         if uncond.shape[0] != length:  # different lengths: two calls, A1111's conditional one first
             if self.a1111:
                 cond_out = model(x_cond, cond_rows, t)
@@ -117,4 +161,4 @@ class Guidance:
         return result
 
 
-__all__ = ["Guidance", "pad_by_repeating_last", "pad_with_empty"]
+__all__ = ["Guidance", "UncondSkip", "pad_by_repeating_last", "pad_with_empty"]

@@ -230,9 +230,14 @@ def run_second_pass(
                           total_steps(second.sampler, requested))  # fmt: skip
         latents, _, _, resolved = pipe._sample_a1111(second, shape, eta, callback, None, init=init)
         hires = {"hr_sampler_name": resolved.get("sampler"), "hr_scheduler": resolved.get("schedule")}
-        return latents, {**named, **hires}
+        # a skip of the negative pass is written if either pass took it
+        skips = {k: v for k, v in resolved.items() if k in SKIP_FIELDS and v}
+        return latents, {**named, **hires, **skips}
     latents, _, _, _ = pipe._sample_diffusers(second, shape, eta, callback, None, init=(upscaled, generator))
     return latents, named
+
+
+SKIP_FIELDS = ("skip_early_cond", "s_min_uncond", "s_min_uncond_all")  # sd.a1111_sampling.skips_taken
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,12 @@ class GenerationParams:
     old_prompt_editing: bool = False  # prompt-editing steps as A1111 before v1.6 counted them
     noise_multiplier: float = 1.0  # img2img: A1111's initial_noise_multiplier
     sgm_noise: bool = False  # txt2img noise scaled by sqrt(1 + sigma_max^2) (A1111's sgm_noise_multiplier)
+    # A1111's skips of the negative pass (sd.guidance.UncondSkip): skip_early_cond ("Skip Early CFG"), the
+    # fraction of the run from its start; s_min_uncond ("NGMS"), every other call below that sigma;
+    # s_min_uncond_all ("NGMS all steps"), every call below it. 0: off.
+    skip_early_cond: float = 0.0
+    s_min_uncond: float = 0.0
+    s_min_uncond_all: bool = False
     # Inpainting's mask controls (sd.inpaint); None: no mask. The mask itself is in no PNG.
     inpaint: InpaintSettings | None = None
     nine_channel: bool = False  # made with an inpainting U-Net (A1111 writes its conditional mask weight)
@@ -177,6 +183,10 @@ class GenerationParams:
                 ("Noise multiplier", _number(self.noise_multiplier) if self.noise_multiplier != 1 else None),
                 ("Downcast alphas_cumprod", "True" if self.downcast_alphas else None),
                 ("Old prompt editing timelines", "True" if self.old_prompt_editing else None),
+                # added as the sampling first skips (A1111 writes each only where it took effect)
+                ("Skip Early CFG", _number(self.skip_early_cond) if self.skip_early_cond else None),
+                ("NGMS", _number(self.s_min_uncond) if self.s_min_uncond else None),
+                ("NGMS all steps", "True" if self.s_min_uncond and self.s_min_uncond_all else None),
             ]
         settings.append(("Pad conds", "True" if self.pad_conds else None))
         if not a1111:
@@ -263,7 +273,7 @@ _HONOURED = frozenset({
     "Discard penultimate sigma", "Downcast alphas_cumprod", "Old prompt editing timelines",
     "Noise multiplier", "SGM noise multiplier", "Lora hashes", "VAE", "Hires upscale", "Hires resize",
     "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
-    "Hires negative prompt", "First pass size",
+    "Hires negative prompt", "First pass size", "Skip Early CFG", "NGMS", "NGMS all steps",
 })  # fmt: skip
 # (Lora hashes are read to name the files; the prompt's <lora:...> tags are what applies them. VAE names
 # the file a replay swaps in, as A1111's sd_vae override.)
@@ -271,6 +281,7 @@ _NO_EFFECT = frozenset({"Model hash", "Model", "Version", "TI hashes", "User", "
 _NUMBERS = {
     "Eta": "eta", "Eta DDIM": "eta_ddim", "Sigma churn": "s_churn", "Sigma tmin": "s_tmin",
     "Sigma tmax": "s_tmax", "Sigma noise": "s_noise", "Noise multiplier": "noise_multiplier",
+    "Skip Early CFG": "skip_early_cond", "NGMS": "s_min_uncond",
 }  # fmt: skip
 # 0 means "the schedule's own" in A1111's settings
 _SCHEDULE_RANGE = {
@@ -281,6 +292,7 @@ _SCHEDULE_RANGE = {
 _FLAGS = {
     "Discard penultimate sigma": "discard_penultimate", "Downcast alphas_cumprod": "downcast_alphas",
     "Old prompt editing timelines": "old_prompt_editing", "SGM noise multiplier": "sgm_noise",
+    "NGMS all steps": "s_min_uncond_all",
 }  # fmt: skip
 
 

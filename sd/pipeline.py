@@ -114,6 +114,14 @@ def check_settings(steps: int, cfg_scale: float, strength: float | None = None) 
         raise ValueError(f"strength must be in (0, 1], got {strength}")
 
 
+def check_uncond_skips(params: GenerationParams) -> None:
+    """A1111's skips of the negative pass: its way only, and not below 0."""
+    if params.skip_early_cond < 0 or params.s_min_uncond < 0:
+        raise ValueError("Skip Early CFG and NGMS must be >= 0 (0: off)")
+    if not params.a1111 and (params.skip_early_cond or params.s_min_uncond):
+        raise ValueError("Skip Early CFG and NGMS are A1111's settings: use A1111's way (a1111=True)")
+
+
 def new_seed() -> int:
     return random.SystemRandom().randrange(2**32)
 
@@ -446,6 +454,7 @@ class Pipeline:
     ) -> list[Image.Image]:
         check_size(params.width, params.height, self.config.vae.downscale)
         check_settings(params.steps, params.cfg_scale, params.strength)
+        check_uncond_skips(params)
         if num_images < 1:
             raise ValueError(f"number of images must be at least 1, got {num_images}")
         if params.enable_hr:

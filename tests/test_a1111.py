@@ -126,7 +126,18 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
     (cond,), _ = encoder.encode_groups([[PROMPT]])
     batch = len(seeds)
 
+    second_order = label in ("Heun", "DPM2", "DPM2 a", "DPM++ SDE", "DPM++ 2S a")
+    runs = steps if clean is None else int(min(strength, 0.999) * steps) + 1  # launch_sampling's steps
+    total_steps, calls = runs * (2 if second_order else 1), [0]
+    early, ngms = settings.get("skip_early_cond", 0.0), settings.get("s_min_uncond", 0.0)
+
     def cfg_denoiser(x, sigma):  # A1111's CFGDenoiser: [cond..., uncond], combined on the denoised outputs
+        step, calls[0] = calls[0], calls[0] + 1
+        if (early != 0 and step / total_steps <= early) or (
+            (step % 2 or settings.get("s_min_uncond_all")) and ngms > 0 and sigma[0] < ngms
+        ):  # its skips of the uncond rows: the cond output stands in for them, combined at scale 1
+            out = denoiser(x, sigma, cond=cond.expand(batch, -1, -1))
+            return out + (out - out) * 1.0
         x_in = torch.cat([x, x])
         context = torch.cat([cond.expand(batch, -1, -1), uncond.expand(batch, -1, -1)])
         out = denoiser(x_in, torch.cat([sigma, sigma]), cond=context)
@@ -267,6 +278,13 @@ def test_a1111_img2img_slices_the_schedule_as_a1111(world: World, monkeypatch) -
     reference = reference_run(world, "Euler", 10, [5], 7.0, monkeypatch, clean=clean, strength=0.6,
                               noise_multiplier=0.8)  # fmt: skip
     assert_same((latents, pixels), reference, "img2img noise multiplier")
+    # "Skip Early CFG" is a fraction of the calls img2img makes (t_enc + 1 = 7), not of the 10 steps
+    latents, pixels, images, _ = run_ours(world, "Euler", 10, 5, 1, 7.0, picture, strength=0.6,
+                                          skip_early_cond=0.4)  # fmt: skip
+    reference = reference_run(world, "Euler", 10, [5], 7.0, monkeypatch, clean=clean, strength=0.6,
+                              skip_early_cond=0.4)  # fmt: skip
+    assert_same((latents, pixels), reference, "img2img Skip Early CFG")
+    assert images[0].info["parameters"].endswith("Denoising strength: 0.6, Skip Early CFG: 0.4")
 
 
 SETTINGS = {
@@ -275,6 +293,10 @@ SETTINGS = {
     "fp16 alphas": ("DPM++ 2M", {"downcast_alphas": True}),
     "fp16 alphas, model's schedule": ("Euler a", {"downcast_alphas": True}),
     "SGM noise": ("Euler a", {"sgm_noise": True}),
+    "Skip Early CFG": ("Euler", {"skip_early_cond": 0.3}),
+    "Skip Early CFG, second order": ("Heun", {"skip_early_cond": 0.5}),
+    "NGMS": ("Euler a", {"s_min_uncond": 2.0}),
+    "NGMS all steps": ("DPM++ 2M", {"s_min_uncond": 3.0, "s_min_uncond_all": True}),
 }
 
 
@@ -290,6 +312,24 @@ def test_a1111_settings_apply_as_in_a1111(world: World, case: str, monkeypatch) 
     assert (latents - plain[0]).abs().max() > 1e-3, "the setting changed nothing"
     again = GenerationParams.from_text(images[0].info["parameters"])  # the PNG says so, and replays it
     assert {key: getattr(again, key) for key in settings} == settings
+
+
+@pytest.mark.parametrize("label", ["DDIM", "PLMS", "UniPC"])
+def test_timestep_samplers_skip_by_their_timestep(world: World, label: str) -> None:
+    """A1111's timestep samplers hand CFGDenoiser the timestep where k-diffusion's hand it sigma, so NGMS
+    compares the timestep (odd calls below 400 here); "Skip Early CFG" counts their steps."""
+    if world.name != "tiny":
+        pytest.skip("the wiring is the same at any size")
+    seen: list[tuple[int, float]] = []
+    unet = world.ours["diffusion"]
+    hook = unet.register_forward_pre_hook(lambda _, args: seen.append((args[0].shape[0], float(args[2][0]))))
+    try:
+        _, _, images, _ = run_ours(world, label, 6, 3, 1, 7.0, s_min_uncond=400.0, skip_early_cond=0.2)
+    finally:
+        hook.remove()
+    expected = [1 if call / 6 <= 0.2 or (call % 2 and t < 400) else 2 for call, (_, t) in enumerate(seen)]
+    assert [batch for batch, _ in seen] == expected and 1 in expected[2:]
+    assert images[0].info["parameters"].endswith("Size: 64x64, Skip Early CFG: 0.2, NGMS: 400")
 
 
 def test_each_image_of_a_batch_is_its_own_seed(world: World) -> None:

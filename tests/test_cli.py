@@ -240,6 +240,8 @@ BAD = {
     "png without parameters": (["--from-png", "in.png"], "no generation parameters"),
     "bad emphasis weight": (["a (cat:1.2.3)"], "'1.2.3' in ':1.2.3)' is not a number"),
     "missing embeddings folder": (["x", "--embeddings-dir", "nowhere"], "embeddings folder not found"),
+    "NGMS the diffusers way": (["x", "--way", "diffusers", "--ngms", "1"], "they need --way a1111"),
+    "negative NGMS": (["x", "--ngms", "-1"], "NGMS must be >= 0"),
 }
 
 
@@ -325,13 +327,15 @@ def test_a1111_way_from_the_command_line_and_back_from_its_png(ckpt, capsys, tmp
     flags = ["--ckpt", ckpt, "--width", "64", "--height", "64", "--steps", "4", "--seed", "9"]
     code, _, err = run(capsys, "generate", "a (red:1.2) fox", "--way", "a1111", "--sampler", "DPM++ 2M",
                          "--scheduler", "karras", "--rng", "cpu", "--ensd", "31337", "--variation-seed", "5",
-                         "--variation-strength", "0.3", "-o", str(tmp_path / "a.png"), *flags)  # fmt: skip
+                         "--variation-strength", "0.3", "--skip-early-cfg", "0.25", "--ngms", "5",
+                         "-o", str(tmp_path / "a.png"), *flags)  # fmt: skip
     assert code == 0, err
     text = read_png_parameters(tmp_path / "a.png")
     expected_parts = (
         "Sampler: DPM++ 2M, Schedule type: Karras",
         "Variation seed: 5, Variation seed strength: 0.3",
         "RNG: CPU",  # (no ENSD: A1111 names it only for samplers that use it, DPM++ 2M does not)
+        "Skip Early CFG: 0.25, NGMS: 5",
     )
     for part in expected_parts:
         assert part in text, text

@@ -13,7 +13,7 @@ import torch
 
 from sd.conditioning import Conditioning, ScheduledConditioning
 from sd.config import TINY
-from sd.guidance import Guidance
+from sd.guidance import Guidance, UncondSkip
 from sd.pipeline import Pipeline
 from sd.testing import random_models
 
@@ -74,6 +74,31 @@ def test_prompt_editing_switches_by_model_call_count() -> None:
         guidance(model, X, T)
     # calls 0..2 use the first variant (end_at_step 2 includes call 2), call 3 the second
     assert [calls[2][-1] for calls in model.calls] == [3.0, 3.0, 3.0, 103.0]
+
+
+def test_a1111_skips_of_the_negative_pass() -> None:
+    """A1111's CFGDenoiser (v1.10.1): "Skip Early CFG" while call / total_steps <= the fraction, NGMS on odd
+    calls below its sigma (every call with "all steps"); a skipped call runs the conditional rows alone and
+    combines the AND parts around the first at scale 1."""
+    parts = [(constant(3.0), 1.0), (constant(5.0), 0.5)]
+    conditioning = Conditioning(constant(1.0), parts)
+    guided = 1.0 + 7.0 * (3.0 - 1.0) + 7.0 * 0.5 * (5.0 - 1.0)
+    skipped = 3.0 + 0.5 * (5.0 - 3.0)
+    for skip, sigmas, expected, reasons in [
+        (UncondSkip(4, early=0.3), [9, 5, 2, 1], [skipped, skipped, guided, guided], {"early"}),
+        (UncondSkip(4, min_sigma=3.0), [9, 5, 2, 1], [guided, guided, guided, skipped], {"ngms"}),
+        (UncondSkip(4, min_sigma=6.0), [9, 5, 2, 1], [guided, skipped, guided, skipped], {"ngms"}),
+        (UncondSkip(4, min_sigma=6.0, every_call=True), [9, 5, 2, 1], [guided, skipped, skipped, skipped],
+         {"ngms"}),
+        (UncondSkip(4, early=0.25, min_sigma=6.0), [9, 5, 2, 1], [skipped, skipped, guided, skipped],
+         {"early", "ngms"}),
+        (UncondSkip(4, min_sigma=0.5), [9, 5, 2, 1], [guided] * 4, set()),
+    ]:  # fmt: skip
+        model, guidance = Recorder(), Guidance(conditioning, 7.0, a1111=True, skip=skip)
+        outs = [guidance(model, X, torch.tensor(float(s)))[0, 0, 0, 0].item() for s in sigmas]
+        assert outs == pytest.approx(expected), skip
+        assert [batch for batch, _, _ in model.calls] == [4 if o == skipped else 6 for o in expected], skip
+        assert guidance.skipped == reasons, skip
 
 
 def test_below_cfg_1_a_plain_prompt_runs_alone_but_and_still_guides() -> None:

@@ -376,6 +376,27 @@ def test_options_take_effect_and_read_back(served):
                                         "randn_source": "GPU"})  # fmt: skip
 
 
+def test_negative_pass_skips_from_options_and_the_request(served):
+    """A1111's NGMS (option s_min_uncond, or the request's field) and "Skip Early CFG" (skip_early_cond)."""
+    url, pipe = served
+    request = {"prompt": "a house", "negative_prompt": "fog", "seed": 4, "steps": 4, **SIZE}
+    try:
+        assert call(url, "/sdapi/v1/options", {"skip_early_cond": 0.3, "s_min_uncond_all": True})[0] == 200
+        status, answer = call(url, "/sdapi/v1/txt2img", {**request, "s_min_uncond": 5.0})
+        assert status == 200, answer
+        expected = a1111(pipe, "a house", "fog", steps=4, seed=4, skip_early_cond=0.3, s_min_uncond=5.0,
+                         s_min_uncond_all=True)[0]  # fmt: skip
+        image = images_of(answer)[0]
+        assert same_pixels(image, expected)
+        assert not same_pixels(image, a1111(pipe, "a house", "fog", steps=4, seed=4)[0])
+        assert "Skip Early CFG: 0.3, NGMS: 5, NGMS all steps: True" in image.info["parameters"]
+        assert "s_min_uncond" not in json.loads(answer["info"])["ignored_fields"]
+        status, answer = call(url, "/sdapi/v1/txt2img", {**request, "s_min_uncond": -1})
+        assert status == 400 and "NGMS must be >= 0" in answer["detail"]
+    finally:
+        call(url, "/sdapi/v1/options", {"skip_early_cond": 0.0, "s_min_uncond_all": False})
+
+
 def test_an_oversized_body_is_refused_unread(served):
     url, _ = served
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)

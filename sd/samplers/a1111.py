@@ -199,6 +199,12 @@ class A1111Sampler:
         """Prompt-editing steps: doubled for second-order samplers, as A1111 counts them."""
         return self.steps * 2 if self.spec.second_order else self.steps
 
+    def denoiser_steps(self, start: int = 0) -> int:
+        """The calls A1111's CFG denoiser expects of a run from sigma `start` (its total_steps, which
+        "Skip Early CFG" is a fraction of): the steps run (t_enc + 1 for img2img), doubled if second-order."""
+        steps = self.steps - start
+        return steps * 2 if self.spec.second_order else steps
+
     def img2img_start(self, strength: float) -> int:
         """Index of the first sigma img2img runs from (A1111: t_enc = int(min(strength, 0.999) * steps))."""
         t_enc = int(min(strength, 0.999) * self.steps)

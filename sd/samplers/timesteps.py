@@ -403,6 +403,11 @@ class TimestepsSampler:
             out["Discard penultimate sigma"] = True
         return out
 
+    def denoiser_steps(self, start: int = 0, img2img: bool = False) -> int:
+        """The calls A1111's CFG denoiser expects (its total_steps): the steps of txt2img, t_enc + 1 of an
+        img2img run from `start`."""
+        return len(self.timesteps) - start + 1 if img2img else self.steps
+
     def img2img_start(self, strength: float) -> int:
         """`start` of A1111's default img2img (t_enc = int(min(strength, 0.999) * steps))."""
         _, t_enc = setup_img2img_steps(self.steps, strength)

@@ -27,7 +27,14 @@ from ..infotext import parse_infotext
 from ..inpaint import InpaintSettings
 from ..noise import check_source
 from ..params import A1111_SAMPLER_NAMES, GenerationParams, a1111_sampler
-from ..pipeline import check_hires_settings, check_settings, check_size, model_calls, new_seed
+from ..pipeline import (
+    check_hires_settings,
+    check_settings,
+    check_size,
+    check_uncond_skips,
+    model_calls,
+    new_seed,
+)
 from ..prompts import check_prompt
 from ..samplers import ALIASES
 from ..samplers.sigmas import SCHEDULE_TYPES, schedule_type
@@ -59,7 +66,9 @@ OPTIONS: dict[str, tuple[type | tuple[type, ...], Any, str | None]] = {
     "initial_noise_multiplier": ((int, float), 1.0, "noise_multiplier"),
     "sgm_noise_multiplier": (bool, False, "sgm_noise"),
     "comma_padding_backtrack": (int, 20, None),  # the pipeline's, set per job (sd.server.service)
-    "s_min_uncond": ((int, float), 0.0, None),  # A1111's NGMS: only 0 (off) is what we make
+    "s_min_uncond": ((int, float), 0.0, "s_min_uncond"),  # NGMS (the request's s_min_uncond wins)
+    "s_min_uncond_all": (bool, False, "s_min_uncond_all"),
+    "skip_early_cond": ((int, float), 0.0, "skip_early_cond"),
     "sd_model_checkpoint": (str, None, None),  # switches the model (sd.server.service)
     "sd_vae": (str, "Automatic", None),  # swaps the VAE where the pipeline can (sd.server.service)
     "inpainting_mask_weight": ((int, float), 1.0, None),  # the 9-channel model's (InpaintSettings)
@@ -305,8 +314,6 @@ def parse_request(
             raise BadRequestError(f"{name}: {feature} is not supported yet; leave it out (or false)")
     if get("script_name", str):
         raise BadRequestError(f"Script '{body['script_name']}' not found", 422)  # A1111's answer
-    if float(get("s_min_uncond", (int, float), 0.0)) or float(option("s_min_uncond")):
-        raise BadRequestError("s_min_uncond: negative guidance minimum sigma is not supported yet; use 0")
     resize_mode = get("resize_mode", int, 0) if img2img else 0
     if resize_mode not in RESIZE_MODES:
         modes = ", ".join(f"{k} ({v})" for k, v in RESIZE_MODES.items())
@@ -353,6 +360,7 @@ def parse_request(
         if params.enable_hr:
             check_hires_settings(params)
         check_settings(params.steps, params.cfg_scale, params.strength)
+        check_uncond_skips(params)
         check_emphasis(params.emphasis)
         check_prompt(params.prompt, params.steps)
         check_prompt(params.negative_prompt, params.steps)
@@ -460,7 +468,7 @@ def _a1111_fields(body: dict[str, Any], get, settings: dict[str, Any], sampler_n
     for name in ("sigma_min", "sigma_max", "rho"):  # A1111: 0 means the schedule's own
         if not fields.get(name, 1):
             fields[name] = None
-    for name in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise"):
+    for name in ("eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "s_min_uncond"):
         value = get(name, (int, float))
         if value is not None:
             fields[name] = float(value)
