@@ -67,6 +67,7 @@ GENERATE_DEFAULTS = dict(
     clip_skip=1,
     emphasis="Original",
     pad_conds=False,
+    tiling=False,
     way="a1111",  # its users' expectations, and PNGs that A1111 reproduces
     scheduler="Automatic",
     rng="GPU",
@@ -137,6 +138,7 @@ def resolve_params(args: argparse.Namespace):
         clip_skip=pick("clip_skip", "clip_skip"),
         emphasis=pick("emphasis", "emphasis"),
         pad_conds=pick("pad_conds", "pad_conds"),
+        tiling=pick("tiling", "tiling"),
         ti_hashes=None,  # written anew from the embeddings this run uses
         a1111=way == "a1111",
         schedule=pick("scheduler", "schedule"),
@@ -413,7 +415,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .config import SD15
     from .images import load_image, save_png
-    from .pipeline import check_hires_settings, check_settings, check_size, check_uncond_skips, model_calls
+    from .pipeline import (
+        check_hires_settings,
+        check_settings,
+        check_size,
+        check_tiling,
+        check_uncond_skips,
+        model_calls,
+    )
     from .prompts import check_prompt
 
     params = resolve_params(args)
@@ -434,6 +443,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_hires_settings(params)
     check_settings(params.steps, params.cfg_scale, params.strength)
     check_uncond_skips(params)
+    if params.tiling:
+        vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
+        check_tiling(params, vae_tiling, compiled=args.backend == "openvino")
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
     total = model_calls(params, SD15.schedule)  # also refuses a strength that leaves no steps
@@ -769,6 +781,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="extend the --init-image: left=64,right=64 (top, bottom, all); strength default 1",
     )
     gen.add_argument("--clip-skip", type=int, help="use the N-th last CLIP layer (default 1)")
+    gen.add_argument(
+        "--tiling", action="store_true", default=None,
+        help="an image that tiles seamlessly (A1111's Tiling: circular padding in the U-Net and VAE)",
+    )  # fmt: skip
     gen.add_argument(
         "--emphasis",
         choices=EMPHASIS_CHOICES,

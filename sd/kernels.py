@@ -124,7 +124,8 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | None
         return conv(F.interpolate(x, size=size, mode="nearest"))
     memory_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
     kernels = _phase_kernels(conv, x.dtype, memory_format or torch.contiguous_format)
-    padded = F.pad(x, (1, 1, 1, 1))
+    # (a circular conv, sd.seamless: the upsampled image's wrapped border is the input's wrapped border)
+    padded = F.pad(x, (1, 1, 1, 1), mode="circular" if conv.padding_mode == "circular" else "constant")
     # Phase (a, b) reads padded rows a .. a+H and columns b .. b+W. Slices without explicit sizes keep a
     # trace (the OpenVINO backend) valid for every input shape.
     ends = (-1, None)

@@ -105,6 +105,7 @@ class GenerationParams:
     skip_early_cond: float = 0.0
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
+    tiling: bool = False  # A1111's "Tiling": circular padding, an image that tiles (sd.seamless)
     # Inpainting's mask controls (sd.inpaint); None: no mask. The mask itself is in no PNG.
     inpaint: InpaintSettings | None = None
     nine_channel: bool = False  # made with an inpainting U-Net (A1111 writes its conditional mask weight)
@@ -157,6 +158,7 @@ class GenerationParams:
             ("Clip skip", self.clip_skip if self.clip_skip != 1 else None),
             ("ENSD", self.ensd if a1111 and self.ensd and writes_ensd(self.sampler, self.eta) else None),
             ("RNG", self.rng if a1111 and self.rng != "GPU" else None),
+            ("Tiling", "True" if self.tiling else None),
             *(self.inpaint.infotext(self.nine_channel) if self.inpaint is not None else []),
             # then, as A1111's extra_generation_params, in the order it adds them
             ("Batch size", self.batch_size if self.batch_size > 1 else None),
@@ -247,6 +249,7 @@ class GenerationParams:
                 batch_pos=int(settings.get("Batch pos", 0)),
                 emphasis=settings.get("Emphasis", "Original"),
                 pad_conds=_true(settings.get("Pad conds")),
+                tiling=_true(settings.get("Tiling")),
                 lora_hashes=settings.get("Lora hashes"),
                 ti_hashes=settings.get("TI hashes"),
                 a1111=a1111 is not None,
@@ -273,7 +276,7 @@ _HONOURED = frozenset({
     "Discard penultimate sigma", "Downcast alphas_cumprod", "Old prompt editing timelines",
     "Noise multiplier", "SGM noise multiplier", "Lora hashes", "VAE", "Hires upscale", "Hires resize",
     "Hires steps", "Hires upscaler", "Hires sampler", "Hires schedule type", "Hires prompt",
-    "Hires negative prompt", "First pass size", "Skip Early CFG", "NGMS", "NGMS all steps",
+    "Hires negative prompt", "First pass size", "Skip Early CFG", "NGMS", "NGMS all steps", "Tiling",
 })  # fmt: skip
 # (Lora hashes are read to name the files; the prompt's <lora:...> tags are what applies them. VAE names
 # the file a replay swaps in, as A1111's sd_vae override.)

@@ -65,6 +65,7 @@ from .params import GenerationParams
 from .prompts import NetworkTag, extract_networks, lora_multipliers
 from .samplers import Sampler, eps_from_v, get_sampler
 from .samplers.schedule import abar_at, alphas_cumprod, train_sigmas
+from .seamless import circular_padding
 from .steps import Step, StepCallback
 from .tokenizer import CLIPTokenizer
 from .vae_swap import VAE_AUTOMATIC, VAE_NONE, VAEFileError, VAESwap, find_vae, read_vae, vae_hash, vae_name
@@ -120,6 +121,32 @@ def check_uncond_skips(params: GenerationParams) -> None:
         raise ValueError("Skip Early CFG and NGMS must be >= 0 (0: off)")
     if not params.a1111 and (params.skip_early_cond or params.s_min_uncond):
         raise ValueError("Skip Early CFG and NGMS are A1111's settings: use A1111's way (a1111=True)")
+
+
+def tiles_vae(latent_height: int, latent_width: int, vae_tiling: bool | None) -> bool:
+    """Whether a decode of this many latent pixels works in tiles (`vae_tiling` None: above
+    TILE_ABOVE_LATENTS)."""
+    return latent_height * latent_width > TILE_ABOVE_LATENTS if vae_tiling is None else vae_tiling
+
+
+def check_tiling(
+    params: GenerationParams, vae_tiling: bool | None, compiled: bool = False, downscale: int = 8
+) -> None:
+    """Tiling (sd.seamless) needs convolutions that can be switched (not `compiled` ones), and a decode in
+    one piece: tiles would not wrap."""
+    if compiled:
+        raise ValueError(
+            "tiling needs the torch backend: the OpenVINO backend's models are compiled as they are"
+        )
+    params = replace(params, width=params.width or 512, height=params.height or 512)  # None: SD1.5's
+    shape = (params.height // downscale, params.width // downscale)
+    if params.enable_hr:
+        shape = check_hires(params, downscale).latent_shape
+    if tiles_vae(*shape, vae_tiling):
+        raise ValueError(
+            f"tiling decodes the image whole, and {shape[1] * downscale}x{shape[0] * downscale} would "
+            "decode in tiles, which do not wrap: make it smaller, or turn VAE tiling off"
+        )
 
 
 def new_seed() -> int:
@@ -374,9 +401,7 @@ class Pipeline:
     def tiles_vae(self, latents: torch.Tensor) -> bool:
         """Whether decode() works in tiles: as `vae_tiling` says, or in auto mode (None) above
         TILE_ABOVE_LATENTS latent pixels (beyond 1024x1024 for SD1.5)."""
-        if self.vae_tiling is not None:
-            return self.vae_tiling
-        return latents.shape[-2] * latents.shape[-1] > TILE_ABOVE_LATENTS
+        return tiles_vae(latents.shape[-2], latents.shape[-1], self.vae_tiling)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, truncate: bool = False) -> np.ndarray:
@@ -461,8 +486,16 @@ class Pipeline:
             if image is not None:
                 raise ValueError("the hires fix is for txt2img; an init image makes this img2img")
             check_hires_settings(params, self.config.vae.downscale)
+        if params.tiling:
+            compiled = hasattr(self.models["diffusion"], "rebind")  # the OpenVINO backend's
+            check_tiling(params, self.vae_tiling, compiled, self.config.vae.downscale)
         if image is not None and image.size != (params.width, params.height):
             image = image.resize((params.width, params.height), Image.Resampling.LANCZOS)
+        with circular_padding(self.models.values(), params.tiling):  # A1111's Tiling: the whole run
+            return self._make(params, num_images, eta, callback, image, job)
+
+    def _make(self, params, num_images, eta, callback, image, job) -> list[Image.Image]:
+        """_run after its checks: sample (both passes of the hires fix), decode, and the PNG parameters."""
         down = self.config.vae.downscale
         shape = (num_images, self.config.vae.latent_channels, params.height // down, params.width // down)
         job = job or self._unmasked_job()

@@ -332,6 +332,31 @@ def test_timestep_samplers_skip_by_their_timestep(world: World, label: str) -> N
     assert images[0].info["parameters"].endswith("Size: 64x64, Skip Early CFG: 0.2, NGMS: 400")
 
 
+def test_tiling_equals_the_reference_with_circular_convolutions(world: World, monkeypatch) -> None:
+    """A1111's Tiling sets padding_mode = 'circular' on every Conv2d of the model (apply_circular): so on
+    the reference's diffusers U-Net and VAE, the same composition; and the image wraps around."""
+    if world.name != "tiny":
+        pytest.skip("the padding is the same at any size")
+    layers = [
+        m for model in (world.unet, world.vae) for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+    ]
+    for layer in layers:
+        layer.padding_mode = "circular"
+    try:
+        reference = reference_run(world, "DPM++ 2M", 4, [31], 7.0, monkeypatch)
+    finally:
+        for layer in layers:
+            layer.padding_mode = "zeros"
+    latents, pixels, images, _ = run_ours(world, "DPM++ 2M", 4, 31, 1, 7.0, tiling=True)
+    assert_same((latents, pixels), reference, "tiling")
+    plain = run_ours(world, "DPM++ 2M", 4, 31, 1, 7.0)[0]
+    assert (latents - plain).abs().max() > 1e-3, "tiling changed nothing"
+    assert all(layer.padding_mode == "zeros" for model in world.ours.values() for layer in model.modules()
+               if isinstance(layer, torch.nn.Conv2d))  # fmt: skip
+    text = images[0].info["parameters"]
+    assert "Size: 64x64, Tiling: True" in text and GenerationParams.from_text(text).tiling
+
+
 def test_each_image_of_a_batch_is_its_own_seed(world: World) -> None:
     if world.name != "tiny":
         pytest.skip("batch invariance is independent of the model size")

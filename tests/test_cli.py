@@ -241,6 +241,7 @@ BAD = {
     "bad emphasis weight": (["a (cat:1.2.3)"], "'1.2.3' in ':1.2.3)' is not a number"),
     "missing embeddings folder": (["x", "--embeddings-dir", "nowhere"], "embeddings folder not found"),
     "NGMS the diffusers way": (["x", "--way", "diffusers", "--ngms", "1"], "they need --way a1111"),
+    "tiling decoded in tiles": (["x", "--tiling", "--vae-tiling", "on"], "tiling decodes the image whole"),
     "negative NGMS": (["x", "--ngms", "-1"], "NGMS must be >= 0"),
 }
 
@@ -328,7 +329,7 @@ def test_a1111_way_from_the_command_line_and_back_from_its_png(ckpt, capsys, tmp
     code, _, err = run(capsys, "generate", "a (red:1.2) fox", "--way", "a1111", "--sampler", "DPM++ 2M",
                          "--scheduler", "karras", "--rng", "cpu", "--ensd", "31337", "--variation-seed", "5",
                          "--variation-strength", "0.3", "--skip-early-cfg", "0.25", "--ngms", "5",
-                         "-o", str(tmp_path / "a.png"), *flags)  # fmt: skip
+                         "--tiling", "-o", str(tmp_path / "a.png"), *flags)  # fmt: skip
     assert code == 0, err
     text = read_png_parameters(tmp_path / "a.png")
     expected_parts = (
@@ -336,6 +337,7 @@ def test_a1111_way_from_the_command_line_and_back_from_its_png(ckpt, capsys, tmp
         "Variation seed: 5, Variation seed strength: 0.3",
         "RNG: CPU",  # (no ENSD: A1111 names it only for samplers that use it, DPM++ 2M does not)
         "Skip Early CFG: 0.25, NGMS: 5",
+        "RNG: CPU, Tiling: True,",
     )
     for part in expected_parts:
         assert part in text, text
@@ -372,13 +374,15 @@ def test_an_a1111_png_is_made_a1111s_way_with_what_cannot_be_honoured_named(
     from sd.weights import load_models
 
     text = (f"a lighthouse\nNegative prompt: blurry\nSteps: 3, Sampler: {sampler}, Schedule type: Automatic, "
-            "CFG scale: 7, Seed: 42, Size: 64x64, Model hash: 0000000000, Model: other, Tiling: True, "
+            "CFG scale: 7, Seed: 42, Face restoration: CodeFormer, Size: 64x64, Model hash: 0000000000, "
+            "Model: other, Tiling: True, "
             "Version: v1.10.1")  # fmt: skip
     save_png(Image.new("RGB", (64, 64)), tmp_path / "a1111.png", text)
     code, _, err = run(capsys, "generate", "--from-png", str(tmp_path / "a1111.png"), "--ckpt", ckpt,
                          "-o", str(tmp_path / "ours.png"))  # fmt: skip
     assert code == 0, err
-    assert "warning: Tiling (from the PNG) is not supported yet" in err
+    assert "warning: Face restoration (from the PNG) is not supported yet" in err
+    assert "Tiling" not in err and "Tiling: True" in read_png_parameters(tmp_path / "ours.png")
     assert "model hash 0000000000" in err
     expected = Pipeline(load_models(ckpt)).run(GenerationParams.from_text(text))[0]
     assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png")), np.asarray(expected))

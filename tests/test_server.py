@@ -397,6 +397,20 @@ def test_negative_pass_skips_from_options_and_the_request(served):
         call(url, "/sdapi/v1/options", {"skip_early_cond": 0.0, "s_min_uncond_all": False})
 
 
+def test_tiling_from_the_request_or_the_options(served):
+    url, pipe = served
+    request = {"prompt": "bricks", "seed": 8, "steps": 2, "sampler_name": "Euler", **SIZE}
+    expected = a1111(pipe, "bricks", steps=2, seed=8, tiling=True)[0]
+    status, answer = call(url, "/sdapi/v1/txt2img", {**request, "tiling": True})
+    assert status == 200 and same_pixels(images_of(answer)[0], expected)
+    assert "Tiling: True" in images_of(answer)[0].info["parameters"]
+    status, answer = call(url, "/sdapi/v1/txt2img", {**request, "override_settings": {"tiling": True}})
+    assert status == 200 and same_pixels(images_of(answer)[0], expected)
+    status, answer = call(url, "/sdapi/v1/txt2img", {**request, "tiling": False,
+                                                     "override_settings": {"tiling": True}})  # fmt: skip
+    assert status == 200 and not same_pixels(images_of(answer)[0], expected)
+
+
 def test_an_oversized_body_is_refused_unread(served):
     url, _ = served
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)

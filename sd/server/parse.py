@@ -69,6 +69,7 @@ OPTIONS: dict[str, tuple[type | tuple[type, ...], Any, str | None]] = {
     "s_min_uncond": ((int, float), 0.0, "s_min_uncond"),  # NGMS (the request's s_min_uncond wins)
     "s_min_uncond_all": (bool, False, "s_min_uncond_all"),
     "skip_early_cond": ((int, float), 0.0, "skip_early_cond"),
+    "tiling": (bool, False, "tiling"),  # both ways (the request's tiling wins)
     "sd_model_checkpoint": (str, None, None),  # switches the model (sd.server.service)
     "sd_vae": (str, "Automatic", None),  # swaps the VAE where the pipeline can (sd.server.service)
     "inpainting_mask_weight": ((int, float), 1.0, None),  # the 9-channel model's (InpaintSettings)
@@ -90,7 +91,6 @@ HARMLESS_OPTIONS: dict[str, Any] = {
 UNSUPPORTED_YET = {
     "latent_mask": "a separate latent mask",
     "restore_faces": "face restoration",
-    "tiling": "tiling",
     "refiner_checkpoint": "a refiner",
     "alwayson_scripts": "scripts (e.g. ControlNet)",
     "disable_extra_networks": "disable_extra_networks",
@@ -103,7 +103,7 @@ READ = frozenset({
     "seed_resize_from_w", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "steps",
     "cfg_scale", "width", "height", "eta", "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings",
     "override_settings_restore_afterwards", "way", "clip_skip", "force_task_id", "infotext", "script_args",
-    "script_name", "alwayson_scripts", "s_min_uncond", *UNSUPPORTED_YET,
+    "script_name", "alwayson_scripts", "s_min_uncond", "tiling", *UNSUPPORTED_YET,
 })  # fmt: skip
 # txt2img's hires fix (sd.hires), A1111's fields and defaults ("Use same ...": None)
 HIRES_DEFAULTS: dict[str, Any] = {
@@ -295,6 +295,7 @@ def parse_request(
         clip_skip=typed(overrides, CLIP_SKIP_OPTION, int, get("clip_skip", int, option(CLIP_SKIP_OPTION))),
         emphasis=option("emphasis"),
         pad_conds=option("pad_cond_uncond"),
+        tiling=get("tiling", bool, option("tiling")),
     )
     sampler_name = get("sampler_name", str) or get("sampler_index", str) or "Euler"  # A1111's API default
     eta = 0.0
@@ -459,7 +460,7 @@ def _a1111_fields(body: dict[str, Any], get, settings: dict[str, Any], sampler_n
         raise BadRequestError(str(error)) from None
     fields: dict[str, Any] = {"a1111": True, "sampler": label, "schedule": named_schedule or scheduler}
     for option, (kind, default, name) in OPTIONS.items():
-        if name is None or name in ("clip_skip", "emphasis", "pad_conds") or option not in settings:
+        if name is None or name in ("clip_skip", "emphasis", "pad_conds", "tiling") or option not in settings:
             continue
         value = typed(settings, option, kind, default)
         fields[name] = float(value) if kind == (int, float) else value
