@@ -170,6 +170,46 @@ def resolve_params(args: argparse.Namespace):
     return params
 
 
+def controlnet_options(args: argparse.Namespace, params) -> list[tuple[Path, object, float, float, float]]:
+    """(file, hint image, scale, start, end) per --controlnet, checked before any model loads."""
+    from .images import load_image
+
+    files, images = args.controlnet or [], args.control_image or []
+    if len(files) != len(images):
+        raise ValueError(
+            f"give one --control-image per --controlnet ({len(files)} ControlNets, {len(images)} images)"
+        )
+    if files and params.a1111:
+        raise ValueError("ControlNet runs diffusers' way for now: add --way diffusers")
+
+    def nth(values: list[float] | None, i: int, default: float) -> float:
+        return values[i] if values and i < len(values) else default
+
+    out = []
+    for i, (file, image) in enumerate(zip(files, images, strict=True)):
+        path = Path(file)
+        if not path.exists():
+            raise ValueError(f"ControlNet not found: {path}")
+        unit = (path, load_image(image), nth(args.control_scale, i, 1.0), nth(args.control_start, i, 0.0),
+                nth(args.control_end, i, 1.0))  # fmt: skip
+        if not 0 <= unit[3] < unit[4] <= 1 or unit[2] < 0:
+            raise ValueError("--control-scale must be >= 0 and 0 <= --control-start < --control-end <= 1")
+        out.append(unit)
+    return out
+
+
+def controlnet_units(pipe, options) -> list:
+    """The ControlUnits of controlnet_options, read for this pipeline's U-Net and dtype."""
+    from .controlnet import ControlUnit, load_controlnet
+    from .models import dtype_of
+
+    dtype = dtype_of(pipe.models["diffusion"])
+    return [
+        ControlUnit(load_controlnet(path, pipe.config.unet, dtype), image, scale, start, end)
+        for path, image, scale, start, end in options
+    ]
+
+
 def inpaint_settings(args: argparse.Namespace, base):
     """The mask controls from the flags, over a PNG's (`base`); None without --mask / --outpaint."""
     from .inpaint import InpaintSettings, fill_mode
@@ -461,7 +501,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     keep = [params.batch_pos] if replay_batch and args.num is None and num > 1 else None
     loras = lora_options(args)
     vae = vae_option(args, params.vae if args.from_png else None)
+    control_options = controlnet_options(args, params)
     pipe = load_pipeline(args, vae)
+    control = controlnet_units(pipe, control_options)
     if loras:
         pipe.set_loras(loras, merge=args.lora_mode == "merged")
     if args.from_png and params.model_hash and pipe.model_hash and params.model_hash != pipe.model_hash:
@@ -480,9 +522,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         params = replace(params, inpaint=None)
     eta = args.eta or 0.0
     if sides:
-        images = pipe.run_outpaint(params, image, sides, num_images=num, eta=eta, callback=progress)
+        images = pipe.run_outpaint(params, image, sides, num_images=num, eta=eta, callback=progress,
+                                   control=control)  # fmt: skip
     else:
-        images = pipe.run(params, image, num_images=num, eta=eta, callback=progress, mask=args.mask)
+        images = pipe.run(params, image, num_images=num, eta=eta, callback=progress, mask=args.mask,
+                          control=control)  # fmt: skip
     for bar in bars:
         bar.close()
     if keep is not None:
@@ -838,6 +882,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a LoRA / LyCORIS file at strength W (default 1), or FILE:TE:UNET for the text encoder "
         "and U-Net apart; FILE may be a name in --lora-dir; repeatable (prompt tags <lora:NAME:W> add more)",
     )
+    control = gen.add_argument_group(
+        "ControlNet (diffusers' way for now: give --way diffusers; repeat the flags for several)"
+    )
+    control.add_argument(
+        "--controlnet", action="append", metavar="FILE",
+        help="a ControlNet for SD1.5: control_v11p_sd15_canny.pth / .safetensors (original layout, fp16 "
+        "copies too) or a diffusers ControlNetModel folder",
+    )  # fmt: skip
+    control.add_argument(
+        "--control-image", action="append", metavar="IMAGE",
+        help="its hint: an edge map, depth map, pose drawing, ... (resized to the output)",
+    )  # fmt: skip
+    control.add_argument(
+        "--control-scale", action="append", type=float, metavar="F", help="its strength (default 1)"
+    )
+    control.add_argument(
+        "--control-start", action="append", type=float, metavar="F",
+        help="the fraction of the steps it starts at (default 0)",
+    )  # fmt: skip
+    control.add_argument(
+        "--control-end", action="append", type=float, metavar="F",
+        help="the fraction of the steps it stops at (default 1)",
+    )  # fmt: skip
     hires = gen.add_argument_group("hires fix (A1111's: txt2img, upscaled, then repainted at the large size)")
     hires.add_argument(
         "--hires",

@@ -36,18 +36,31 @@ class Diffusion(UNet):
     def __init__(self, config: UNetConfig, schedule: ScheduleConfig | None = None):
         super().__init__(config)
         self.schedule = schedule or ScheduleConfig()
-        self.time_embed = nn.Sequential(
-            Linear(config.model_channels, config.time_embed_dim),
-            nn.SiLU(),
-            Linear(config.time_embed_dim, config.time_embed_dim),
-        )
+        self.time_embed = time_embed_mlp(config)
 
     def forward(  # type: ignore[override]
-        self, latents: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor | float | int
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """latents (B, 4, h, w), context (B, 77, 768), timestep scalar or (B,) -> noise (B, 4, h, w)."""
+        """latents (B, 4, h, w), context (B, 77, 768), timestep scalar or (B,) -> noise (B, 4, h, w);
+        `control`: ControlNet residuals to add (sd.unet.UNet.forward)."""
         latents = latents.contiguous(memory_format=torch.channels_last)  # see models.CHANNELS_LAST
-        t = torch.as_tensor(timestep, device=latents.device)
-        t = t.reshape(-1).expand(latents.shape[0])
-        features = timestep_embedding(t, self.config.model_channels).to(latents.dtype)
-        return super().forward(latents, self.time_embed(features), context)
+        return super().forward(latents, embed_time(self.time_embed, timestep, latents), context, control)
+
+
+def time_embed_mlp(config: UNetConfig) -> nn.Sequential:
+    """The time embedding MLP (original `time_embed`): model_channels -> 4x, SiLU, 4x -> 4x."""
+    return nn.Sequential(
+        Linear(config.model_channels, config.time_embed_dim),
+        nn.SiLU(),
+        Linear(config.time_embed_dim, config.time_embed_dim),
+    )
+
+
+def embed_time(mlp: nn.Sequential, timestep: torch.Tensor | float | int, like: torch.Tensor) -> torch.Tensor:
+    """(B, 4*model_channels) embedding of a scalar or (B,) `timestep` for a batch `like`."""
+    t = torch.as_tensor(timestep, device=like.device).reshape(-1).expand(like.shape[0])
+    return mlp(timestep_embedding(t, mlp[0].in_features).to(like.dtype))

@@ -354,6 +354,29 @@ def diffusers_key_map(config: ModelConfig) -> dict[str, dict[str, str]]:
     }
 
 
+CONTROLNET_PREFIX = "control_model."
+# ControlNet's own parts (cldm.ControlNet <-> diffusers ControlNetModel); its encoder is the U-Net's.
+CONTROLNET_ENCODER_PARTS = ("time_embed.", "input_blocks.", "middle_block.")
+
+
+def controlnet_key_map(unet: UNetConfig, hint_convs: int = 8) -> dict[str, str]:
+    """diffusers ControlNetModel key -> original key (under `control_model.`) for a ControlNet copying
+    `unet`, whose hint encoder has `hint_convs` convs (input_hint_block.0, .2, ..., the last one out)."""
+    unet_keys = _build(_unet_layout(unet), CONTROLNET_PREFIX)
+    parts = tuple(CONTROLNET_PREFIX + part for part in CONTROLNET_ENCODER_PARTS)
+    encoder = {ours: theirs for ours, theirs in unet_keys.items() if theirs.startswith(parts)}
+    input_blocks = len(unet.channel_mult) * (unet.num_res_blocks + 1)  # conv_in, then n + 1 per level but one
+    table: Table = (
+        ("controlnet_cond_embedding.conv_in", "input_hint_block.0", _WB),
+        *((f"controlnet_cond_embedding.blocks.{k}", f"input_hint_block.{2 * k + 2}", _WB)
+          for k in range(hint_convs - 2)),
+        ("controlnet_cond_embedding.conv_out", f"input_hint_block.{2 * hint_convs - 2}", _WB),
+        *((f"controlnet_down_blocks.{i}", f"zero_convs.{i}.0", _WB) for i in range(input_blocks)),
+        ("controlnet_mid_block", "middle_block_out.0", _WB),
+    )  # fmt: skip
+    return {**encoder, **_build([(table, "", "")], CONTROLNET_PREFIX)}
+
+
 def vae_reshape_keys(config: ModelConfig) -> frozenset[str]:
     """Diffusers VAE keys: linear [C, C] in diffusers, 1x1 conv [C, C, 1, 1] in LDM (same data order)."""
     del config  # one mid-block attention per side whatever the size; kept for symmetry with the other maps

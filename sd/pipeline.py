@@ -35,6 +35,7 @@ from .checkpoints import (
 )
 from .conditioning import COMMA_BACKTRACK, Conditioning, PromptEncoder, condition
 from .config import ScheduleConfig
+from .controlnet import ControlRun, ControlUnit
 from .decoder import decode_in_tiles
 from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
@@ -204,6 +205,7 @@ class Pipeline:
         converted = hasattr(models["diffusion"], "rebind")
         self._lora_merger = RebindingMerger(models) if converted else WeightMerger(models)
         self._loras: list[ActiveLora] = []  # set_loras' set; prompt tags add theirs per run
+        self._control_units: list[ControlUnit] = []  # the ControlNets of the run under way (run())
         self.active_loras: list[ActiveLora] = []  # merged into the weights now
         self.comma_backtrack = COMMA_BACKTRACK  # A1111's comma_padding_backtrack (0: off)
         # where the embeddings were read from, so reload_embeddings can read it again (None: given as is)
@@ -436,15 +438,24 @@ class Pipeline:
         """Run `sampler` from model call `start`, yielding a Step after each call (the last: the result)."""
         unet = self._use("diffusion")
         dtype = dtype_of(unet)
+        control = None
+        if self._control_units:  # sized to these latents (a hires pass, an "only masked" crop: theirs)
+            down = self.config.vae.downscale
+            calls = len(sampler.timesteps) - start  # diffusers counts the run's own timesteps
+            control = ControlRun(self._control_units, calls, latents.shape[-1] * down,
+                                 latents.shape[-2] * down, self.device)  # fmt: skip
 
         def model(x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = job.unet_input(x) if job is not None else x
-            return unet(x_in.to(dtype), context.to(dtype), t).to(x.dtype)
+            residuals = control.residuals(x, context, t) if control is not None else None
+            return unet(x_in.to(dtype), context.to(dtype), t, residuals).to(x.dtype)
 
         # Grad mode is switched off inside eps() only: a `with` around the yields would leak into the
         # caller's code between steps.
         @torch.no_grad()
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if control is not None:
+                control.next_call()
             return guidance(model, x, t)
 
         # Guiding v or eps is the same: at a given x_t one is an affine function of the other.
@@ -603,12 +614,29 @@ class Pipeline:
         callback: StepCallback | None = None,
         mask: Image.Image | np.ndarray | torch.Tensor | str | Path | None = None,
         composite: bool = True,
+        control: Sequence[ControlUnit] = (),
     ) -> list[Image.Image]:
         """Images for a whole `GenerationParams` (e.g. read back from a PNG); img2img when `image` is given,
-        inpainting when `mask` is too (its controls: `params.inpaint`; see `inpaint`).
+        inpainting when `mask` is too (its controls: `params.inpaint`; see `inpaint`); steered by the
+        ControlNets of `control` (sd.controlnet; diffusers' way).
 
         Unset sizes (None) become the model's own (txt2img) or the image's rounded down to a multiple of
         the VAE's downscale (img2img, as diffusers does)."""
+        for unit in control:
+            unit.check()
+        if control and params.a1111:
+            raise ValueError("ControlNet runs diffusers' way for now (a1111=False, --way diffusers)")
+        if control and hasattr(self.models["diffusion"], "rebind"):
+            raise ValueError(
+                "ControlNet needs the torch backend: the OpenVINO U-Net is compiled without its inputs"
+            )
+        self._control_units = list(control)
+        try:
+            return self._run_params(params, image, num_images, eta, callback, mask, composite)
+        finally:
+            self._control_units = []
+
+    def _run_params(self, params, image, num_images, eta, callback, mask, composite) -> list[Image.Image]:
         if image is None and mask is not None:
             raise ValueError("a mask needs the image it belongs to")
         if image is None:
@@ -668,6 +696,7 @@ class Pipeline:
         hr_scheduler: str | None = None,
         hr_prompt: str = "",
         hr_negative_prompt: str = "",
+        control: Sequence[ControlUnit] = (),
     ) -> list[Image.Image]:
         """Images for `prompt`, `native_size` square unless told; each PIL image carries its generation
         parameters in `image.info`.
@@ -676,7 +705,8 @@ class Pipeline:
         `hr_scale` (or to `hr_resize_x` x `hr_resize_y`, one of them 0: that side from the aspect) with
         `hr_upscaler` (None: "Latent"; "Latent (bicubic)", ..., "Lanczos", "Nearest", "None"), then
         `hr_second_pass_steps` (0: `steps`) at `denoising_strength`, with `hr_sampler_name`,
-        `hr_scheduler`, `hr_prompt`, `hr_negative_prompt` where given (else the first pass's)."""
+        `hr_scheduler`, `hr_prompt`, `hr_negative_prompt` where given (else the first pass's).
+        `control`: ControlNet units (sd.controlnet.ControlUnit) steering the image."""
         seed = new_seed() if seed is None else seed
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, None, clip_skip)  # fmt: skip
@@ -687,7 +717,7 @@ class Pipeline:
                 hr_resize_x=hr_resize_x, hr_resize_y=hr_resize_y, hr_sampler_name=hr_sampler_name,
                 hr_scheduler=hr_scheduler, hr_prompt=hr_prompt, hr_negative_prompt=hr_negative_prompt,
             )  # fmt: skip
-        return self.run(params, None, num_images, eta, callback)
+        return self.run(params, None, num_images, eta, callback, control=control)
 
     def img2img(
         self,
@@ -706,13 +736,15 @@ class Pipeline:
         num_images: int = 1,
         clip_skip: int = 1,
         callback: StepCallback | None = None,
+        *,
+        control: Sequence[ControlUnit] = (),
     ) -> list[Image.Image]:
         """Re-imagine `image`; `strength` 1.0 ignores it, small values keep it. Size defaults to the
-        image's, rounded down to a multiple of 8 (as diffusers does)."""
+        image's, rounded down to a multiple of 8 (as diffusers does). `control`: as txt2img's."""
         seed = new_seed() if seed is None else seed
         params = GenerationParams(prompt, negative_prompt, steps, sampler, karras, cfg_scale, seed,
                                   width, height, strength, clip_skip)  # fmt: skip
-        return self.run(params, image, num_images, eta, callback)
+        return self.run(params, image, num_images, eta, callback, control=control)
 
     def inpaint(
         self,
@@ -742,6 +774,7 @@ class Pipeline:
         inpainting_mask_weight: float = 1.0,
         composite: bool = True,
         a1111: bool = False,
+        control: Sequence[ControlUnit] = (),
     ) -> list[Image.Image]:
         """Repaint the white part of `mask` (a file, PIL image or array; None: the image's transparent
         part). Keywords as `img2img`, plus A1111's mask controls under its API names (defaults: its UI's):
@@ -778,7 +811,8 @@ class Pipeline:
             label, named = a1111_sampler(sampler)
             params = replace(params, sampler=label, karras=False,
                              schedule="Karras" if karras else (named or "Automatic"))  # fmt: skip
-        return self.run(params, image, num_images, eta, callback, mask=mask, composite=composite)
+        return self.run(params, image, num_images, eta, callback, mask=mask, composite=composite,
+                        control=control)  # fmt: skip
 
     def outpaint(
         self,
@@ -824,9 +858,11 @@ class Pipeline:
         eta: float = 0.0,
         callback: StepCallback | None = None,
         composite: bool = True,
+        control: Sequence[ControlUnit] = (),
     ) -> list[Image.Image]:
         """`outpaint` for a whole `GenerationParams` (its mask blur sets the seam); `sides` = (left, right,
-        top, bottom) pixels. The canvas is worked on whole, at its own size."""
+        top, bottom) pixels. The canvas is worked on whole, at its own size (a ControlNet hint: resized to
+        it)."""
         from .inpaint import outpaint_canvas
 
         left, right, top, bottom = sides
@@ -836,7 +872,14 @@ class Pipeline:
         canvas = outpaint_canvas(to_rgb(image), left, right, top, bottom, overlap=overlap, multiple=down)
         params = replace(params, width=None, height=None, inpaint=replace(settings, inpaint_full_res=False))
         images = self.run(
-            params, canvas.canvas, num_images, eta, callback, mask=canvas.mask, composite=composite
+            params,
+            canvas.canvas,
+            num_images,
+            eta,
+            callback,
+            mask=canvas.mask,
+            composite=composite,
+            control=control,
         )
         out = []
         for im in images:

@@ -143,6 +143,34 @@ class UNetBlock(nn.Sequential):
         return x
 
 
+def _transformer_at(config: UNetConfig, level: int, ch: int) -> list[nn.Module]:
+    return [SpatialTransformer(ch, config)] if level in config.attention_levels else []
+
+
+def encoder_blocks(config: UNetConfig, in_channels: int) -> tuple[nn.ModuleList, UNetBlock, list[int]]:
+    """The U-Net's encoder path, which ControlNet copies (sd.controlnet): (input blocks, middle block, the
+    width of each input block's output, i.e. of each skip)."""
+    base, time_dim, groups = config.model_channels, config.time_embed_dim, config.norm_groups
+    last_level = len(config.channel_mult) - 1
+    input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(in_channels, base, 3, padding=1))])
+    skip_channels, ch = [base], base
+    for level, mult in enumerate(config.channel_mult):
+        for _ in range(config.num_res_blocks):
+            layers = [ResBlock(ch, base * mult, time_dim, groups)]
+            ch = base * mult
+            input_blocks.append(UNetBlock(*layers, *_transformer_at(config, level, ch)))
+            skip_channels.append(ch)
+        if level != last_level:
+            input_blocks.append(UNetBlock(Downsample(ch)))
+            skip_channels.append(ch)
+    middle_block = UNetBlock(
+        ResBlock(ch, ch, time_dim, groups),
+        SpatialTransformer(ch, config),
+        ResBlock(ch, ch, time_dim, groups),
+    )
+    return input_blocks, middle_block, skip_channels
+
+
 class UNet(nn.Module):
     """U-Net body: forward(x, emb, context) with emb the time embedding (B, 4*model_channels)."""
 
@@ -150,35 +178,15 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         base, time_dim, groups = config.model_channels, config.time_embed_dim, config.norm_groups
-        last_level = len(config.channel_mult) - 1
-
-        def transformer_at(level: int, ch: int) -> list[nn.Module]:
-            return [SpatialTransformer(ch, config)] if level in config.attention_levels else []
-
-        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(config.in_channels, base, 3, padding=1))])
-        skip_channels, ch = [base], base
-        for level, mult in enumerate(config.channel_mult):
-            for _ in range(config.num_res_blocks):
-                layers = [ResBlock(ch, base * mult, time_dim, groups)]
-                ch = base * mult
-                self.input_blocks.append(UNetBlock(*layers, *transformer_at(level, ch)))
-                skip_channels.append(ch)
-            if level != last_level:
-                self.input_blocks.append(UNetBlock(Downsample(ch)))
-                skip_channels.append(ch)
-
-        self.middle_block = UNetBlock(
-            ResBlock(ch, ch, time_dim, groups),
-            SpatialTransformer(ch, config),
-            ResBlock(ch, ch, time_dim, groups),
-        )
+        self.input_blocks, self.middle_block, skip_channels = encoder_blocks(config, config.in_channels)
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(config.channel_mult))):
             for i in range(config.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), base * mult, time_dim, groups)]
                 ch = base * mult
-                layers += transformer_at(level, ch)
+                layers += _transformer_at(config, level, ch)
                 if level > 0 and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(*layers))
@@ -187,12 +195,23 @@ class UNet(nn.Module):
             nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(base, config.out_channels, 3, padding=1)
         )
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        control: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """`control`: ControlNet's residuals (sd.controlnet), one per skip and the last for the middle
+        block's output, added to them (the original ControlledUnetModel)."""
         skips = []
         for block in self.input_blocks:
             x = block(x, emb, context)
             skips.append(x)
         x = self.middle_block(x, emb, context)
+        if control is not None:
+            x = x + control[-1]
+            skips = [skip + residual for skip, residual in zip(skips, control[:-1], strict=True)]
         for block in self.output_blocks:
             x = torch.cat([x, skips.pop()], dim=1)
             # An upsampling block must land on the size of the skip it is concatenated with next.

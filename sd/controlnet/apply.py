@@ -1,0 +1,86 @@
+"""ControlNets during sampling: the units a run uses, their hint images, and the residuals of each model
+call, as diffusers' StableDiffusionControlNetPipeline makes them (v0.42).
+
+* The hint image is converted to RGB, resized to the output size with Lanczos and scaled to [0, 1]
+  (VaeImageProcessor with do_normalize=False); every row of a model call's batch gets it.
+* Each ControlNet sees what the U-Net sees at that call (the latents, timestep and text contexts of the
+  batch, negative and positive rows alike); its residuals are multiplied by the unit's scale, and those of
+  several units are summed (MultiControlNetModel).
+* `start`/`end` (control_guidance_start/end): at model call i of N the unit acts unless i / N < start or
+  (i + 1) / N > end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .model import ControlNet
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet for a run: the model, its hint (an edge map, depth map, pose drawing, ... as an image
+    the size of the output or any other, resized), and how strongly and when it acts."""
+
+    model: ControlNet
+    image: Image.Image
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def check(self) -> None:
+        if not 0 <= self.start < self.end <= 1:
+            raise ValueError(
+                f"ControlNet start and end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}"
+            )
+        if not np.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"ControlNet scale must be a number >= 0, got {self.scale}")
+
+
+def hint_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """(1, 3, height, width) in [0, 1]: the image in RGB, Lanczos-resized (diffusers' control processor)."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return pixels.permute(2, 0, 1)[None]
+
+
+class ControlRun:
+    """The units of one sampling run of `calls` model calls: call `next_call()` before each model call,
+    then `residuals(x, context, t)` for each U-Net batch of it."""
+
+    def __init__(self, units: list[ControlUnit], calls: int, width: int, height: int, device: torch.device):
+        self.units = units
+        self.hints = [hint_tensor(unit.image, width, height).to(device) for unit in units]
+        self.calls = calls
+        self.call = -1
+        self.scales = [0.0] * len(units)
+
+    def next_call(self) -> None:
+        self.call += 1
+        i, n = self.call, self.calls
+        self.scales = [
+            0.0 if (i / n < unit.start or (i + 1) / n > unit.end) else unit.scale for unit in self.units
+        ]
+
+    def residuals(self, x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor] | None:
+        """The summed, scaled residuals for the U-Net's `control` (None when no unit acts at this call)."""
+        total: list[torch.Tensor] | None = None
+        for unit, hint, scale in zip(self.units, self.hints, self.scales, strict=True):
+            if scale == 0:
+                continue
+            model = unit.model
+            dtype = next(model.parameters()).dtype
+            hint_rows = hint.to(dtype).expand(x.shape[0], -1, -1, -1)
+            out = model(x.to(dtype), hint_rows, context.to(dtype), t)
+            out = [r * scale for r in out]
+            total = out if total is None else [a + b for a, b in zip(total, out, strict=True)]
+        return total
+
+
+__all__ = ["ControlRun", "ControlUnit", "hint_tensor"]
