@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .controlnet import A1111ControlRun
 from .guidance import Guidance, UncondSkip
 from .hires import SecondPass, second_pass_start
 from .models import dtype_of
@@ -86,6 +87,7 @@ def sample_a1111(
         x = clean + x * params.noise_multiplier * sampler.sigmas[start]
 
     guidance.skip = uncond_skip(params, sampler.denoiser_steps(start))
+    control = _control_run(pipe, sampler, x, sampler.sampling_steps(start))
     unet = pipe._use("diffusion")
     dtype = dtype_of(unet)
     v_prediction = pipe.config.schedule.prediction_type == "v_prediction"
@@ -100,9 +102,11 @@ def sample_a1111(
         t = sampler.table.sigma_to_t(sigma)
         timestep[0] = float(t)
         scaled = x_in * c_in
+        ts = t.expand(x_in.shape[0])
+        residuals = control.residuals(scaled, context, ts, guidance.cond_rows) if control else None
         if job is not None:
             scaled = job.unet_input(scaled)
-        out = unet(scaled.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
+        out = unet(scaled.to(dtype), context.to(dtype), ts, residuals).to(x_in.dtype)
         if lcm:
             return lcm_denoised(x_in, x_in + out * -sigma, t)
         if v_prediction:
@@ -113,6 +117,8 @@ def sample_a1111(
 
     @torch.no_grad()
     def model(x_in: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if control is not None:
+            control.next_call()
         out = guidance(denoised, x_in, sigma)
         last[0] = out = job.blend(out) if masked else out
         return out
@@ -129,6 +135,21 @@ def sample_a1111(
     # As A1111 writes them: its own label for the sampler, the schedule type it resolved to.
     resolved = {"sampler": sampler.label, "schedule": sampler.schedule_label}
     return latents, conditioning, guidance, {**resolved, **skips_taken(params, guidance)}
+
+
+def _control_run(pipe: Pipeline, sampler, x: torch.Tensor, steps: int) -> A1111ControlRun | None:
+    """The run's ControlNets (Pipeline.run's `control`) at these latents' size, A1111's extension's way."""
+    units = pipe._control_units
+    if not units:
+        return None
+    if sampler.step_of_call(0) is None and any(u.start > 0 or u.end < 1 for u in units):
+        raise ValueError(
+            f"ControlNet guidance start/end with {sampler.label} is not supported yet; use 0 and 1"
+        )
+    down = pipe.config.vae.downscale
+    return A1111ControlRun(
+        units, steps, sampler.step_of_call, x.shape[-1] * down, x.shape[-2] * down, pipe.device
+    )
 
 
 def uncond_skip(params: GenerationParams, total_steps: int) -> UncondSkip | None:
@@ -168,6 +189,7 @@ def _sample_timesteps(
         x = sampler.img2img_latent(clean, x * params.noise_multiplier, start)
     img2img = image is not None or init is not None
     guidance.skip = uncond_skip(params, sampler.denoiser_steps(start, img2img=img2img))
+    control = _control_run(pipe, sampler, x, sampler.sampling_steps(start, img2img=img2img))
     unet = pipe._use("diffusion")
     dtype = dtype_of(unet)
     v_prediction = pipe.config.schedule.prediction_type == "v_prediction"
@@ -176,8 +198,10 @@ def _sample_timesteps(
 
     def eps(x_in: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         timestep[0] = float(t)
+        ts = t.expand(x_in.shape[0])
+        residuals = control.residuals(x_in, context, ts, guidance.cond_rows) if control else None
         x_unet = job.unet_input(x_in) if job is not None else x_in
-        out = unet(x_unet.to(dtype), context.to(dtype), t.expand(x_in.shape[0])).to(x_in.dtype)
+        out = unet(x_unet.to(dtype), context.to(dtype), ts, residuals).to(x_in.dtype)
         if v_prediction:  # A1111's CompVisTimestepsVDenoiser, at the truncated timestep
             a = alphas[t.long()].to(x_in)
             return a.sqrt() * out + (1 - a).sqrt() * x_in
@@ -187,6 +211,8 @@ def _sample_timesteps(
 
     @torch.no_grad()
     def model(x_in: torch.Tensor, t: torch.Tensor):
+        if control is not None:
+            control.next_call()
         if masked:  # A1111 v1.10.1's timestep samplers blend the U-Net's input, not its output
             x_in = job.blend(x_in)
         guided = guidance(eps, x_in, t)

@@ -170,8 +170,17 @@ def resolve_params(args: argparse.Namespace):
     return params
 
 
-def controlnet_options(args: argparse.Namespace, params) -> list[tuple[Path, object, float, float, float]]:
-    """(file, hint image, scale, start, end) per --controlnet, checked before any model loads."""
+CONTROL_MODE_CHOICES = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "controlnet": "ControlNet is more important",
+}
+CONTROL_RESIZE_CHOICES = {"crop": "Crop and Resize", "just": "Just Resize", "fill": "Resize and Fill"}
+
+
+def controlnet_options(args: argparse.Namespace, params) -> list[tuple]:
+    """(file, hint image, scale, start, end, control mode, resize mode) per --controlnet, checked before
+    any model loads."""
     from .images import load_image
 
     files, images = args.controlnet or [], args.control_image or []
@@ -179,10 +188,8 @@ def controlnet_options(args: argparse.Namespace, params) -> list[tuple[Path, obj
         raise ValueError(
             f"give one --control-image per --controlnet ({len(files)} ControlNets, {len(images)} images)"
         )
-    if files and params.a1111:
-        raise ValueError("ControlNet runs diffusers' way for now: add --way diffusers")
 
-    def nth(values: list[float] | None, i: int, default: float) -> float:
+    def nth(values: list | None, i: int, default):
         return values[i] if values and i < len(values) else default
 
     out = []
@@ -190,8 +197,10 @@ def controlnet_options(args: argparse.Namespace, params) -> list[tuple[Path, obj
         path = Path(file)
         if not path.exists():
             raise ValueError(f"ControlNet not found: {path}")
+        mode = CONTROL_MODE_CHOICES[nth(args.control_mode, i, "balanced")]
+        resize = CONTROL_RESIZE_CHOICES[nth(args.control_resize, i, "crop")]
         unit = (path, load_image(image), nth(args.control_scale, i, 1.0), nth(args.control_start, i, 0.0),
-                nth(args.control_end, i, 1.0))  # fmt: skip
+                nth(args.control_end, i, 1.0), mode, resize)  # fmt: skip
         if not 0 <= unit[3] < unit[4] <= 1 or unit[2] < 0:
             raise ValueError("--control-scale must be >= 0 and 0 <= --control-start < --control-end <= 1")
         out.append(unit)
@@ -205,8 +214,8 @@ def controlnet_units(pipe, options) -> list:
 
     dtype = dtype_of(pipe.models["diffusion"])
     return [
-        ControlUnit(load_controlnet(path, pipe.config.unet, dtype), image, scale, start, end)
-        for path, image, scale, start, end in options
+        ControlUnit(load_controlnet(path, pipe.config.unet, dtype), image, scale, start, end, mode, resize)
+        for path, image, scale, start, end, mode, resize in options
     ]
 
 
@@ -882,9 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge a LoRA / LyCORIS file at strength W (default 1), or FILE:TE:UNET for the text encoder "
         "and U-Net apart; FILE may be a name in --lora-dir; repeatable (prompt tags <lora:NAME:W> add more)",
     )
-    control = gen.add_argument_group(
-        "ControlNet (diffusers' way for now: give --way diffusers; repeat the flags for several)"
-    )
+    control = gen.add_argument_group("ControlNet (repeat the flags for several)")
     control.add_argument(
         "--controlnet", action="append", metavar="FILE",
         help="a ControlNet for SD1.5: control_v11p_sd15_canny.pth / .safetensors (original layout, fp16 "
@@ -904,6 +911,16 @@ def build_parser() -> argparse.ArgumentParser:
     control.add_argument(
         "--control-end", action="append", type=float, metavar="F",
         help="the fraction of the steps it stops at (default 1)",
+    )  # fmt: skip
+    control.add_argument(
+        "--control-mode", action="append", choices=CONTROL_MODE_CHOICES, metavar="MODE",
+        help="A1111's control mode: balanced (default), prompt ('My prompt is more important'), controlnet "
+        "('ControlNet is more important')",
+    )  # fmt: skip
+    control.add_argument(
+        "--control-resize", action="append", choices=CONTROL_RESIZE_CHOICES, metavar="MODE",
+        help="A1111's resize mode for a hint of another size: crop (default, 'Crop and Resize'), just "
+        "('Just Resize'), fill ('Resize and Fill')",
     )  # fmt: skip
     hires = gen.add_argument_group("hires fix (A1111's: txt2img, upscaled, then repainted at the large size)")
     hires.add_argument(

@@ -100,6 +100,8 @@ class Guidance:
         self.calls = 0
         self.padded = False  # whether "Pad conds" padded anything (A1111 records it only then)
         self.uncond_output: torch.Tensor | None = None  # the latest call's (DDIM CFG++ steps along it)
+        # which rows of the U-Net batch under way are the prompt's (True) or the negative's (ControlNet)
+        self.cond_rows: torch.Tensor | None = None
 
     def _cond_batch(self, x: torch.Tensor, conds: list[torch.Tensor]):
         """(x rows, context rows, split) of the conditional batch; split(output) gives one output per part."""
@@ -122,6 +124,7 @@ class Guidance:
         length = max(c.shape[0] for c in conds)
         conds = [pad_by_repeating_last(c, length) for c in conds]
         if not self.guided:
+            self.cond_rows = torch.ones(batch, dtype=torch.bool)
             return model(x, conds[0][None].expand(batch, -1, -1), t)
 
         uncond = self.conditioning.uncond.at(call)
@@ -135,6 +138,7 @@ class Guidance:
         reason = self.skip.reason(call, float(t.flatten()[0])) if self.skip is not None else None
         if reason is not None:
             self.skipped.add(reason)
+            self.cond_rows = torch.ones(len(x_cond), dtype=torch.bool)
             cond_outs = split(model(x_cond, cond_rows, t))
             self.uncond_output = result = cond_outs[0]  # A1111's stand-in for the skipped output
             for cond_out, (_, weight) in zip(cond_outs[1:], parts[1:], strict=True):
@@ -142,17 +146,24 @@ class Guidance:
             return result
         uncond_rows = uncond[None].expand(batch, -1, -1)
         if uncond.shape[0] != length:  # different lengths: two calls, A1111's conditional one first
+            ones, zeros = torch.ones(len(x_cond), dtype=torch.bool), torch.zeros(batch, dtype=torch.bool)
             if self.a1111:
+                self.cond_rows = ones
                 cond_out = model(x_cond, cond_rows, t)
+                self.cond_rows = zeros
                 uncond_out = model(x, uncond_rows, t)
             else:
+                self.cond_rows = zeros
                 uncond_out = model(x, uncond_rows, t)
+                self.cond_rows = ones
                 cond_out = model(x_cond, cond_rows, t)
             cond_outs = split(cond_out)
         elif self.a1111:
+            self.cond_rows = torch.arange(len(x_cond) + batch) < len(x_cond)
             out = model(torch.cat([x_cond, x]), torch.cat([cond_rows, uncond_rows]), t)
             cond_outs, uncond_out = split(out[: len(x_cond)]), out[len(x_cond) :]
         else:
+            self.cond_rows = torch.arange(batch + len(x_cond)) >= batch
             out = model(torch.cat([x, x_cond]), torch.cat([uncond_rows, cond_rows]), t)
             uncond_out, cond_outs = out[:batch], split(out[batch:])
         self.uncond_output = result = uncond_out

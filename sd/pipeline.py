@@ -623,9 +623,7 @@ class Pipeline:
         Unset sizes (None) become the model's own (txt2img) or the image's rounded down to a multiple of
         the VAE's downscale (img2img, as diffusers does)."""
         for unit in control:
-            unit.check()
-        if control and params.a1111:
-            raise ValueError("ControlNet runs diffusers' way for now (a1111=False, --way diffusers)")
+            unit.check(params.a1111)
         if control and hasattr(self.models["diffusion"], "rebind"):
             raise ValueError(
                 "ControlNet needs the torch backend: the OpenVINO U-Net is compiled without its inputs"

@@ -116,7 +116,26 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
         def apply_model(self, x, t, cond):
             if settings.get("our_unet"):
                 return world.ours["diffusion"](x, cond, t)
-            return world.unet(x, t, encoder_hidden_states=cond).sample
+            extra = control_residuals(x, t, cond) if "control" in settings else {}
+            return world.unet(x, t, encoder_hidden_states=cond, **extra).sample
+
+    progress = {"step": 0}  # A1111's state.sampling_step: the step callback's last index
+
+    def control_residuals(x, t, cond):
+        """A1111's ControlNet extension (sd.controlnet.a1111's docstring) over diffusers' ControlNetModel:
+        `settings["control"]` = (model, hint, weight, control mode, start, end); rows [cond..., uncond]."""
+        model, hint, weight, mode, start, end = settings["control"]
+        if not start <= progress["step"] / steps <= end:
+            return {}
+        down, mid = model(x, t, cond, hint.expand(x.shape[0], -1, -1, -1), conditioning_scale=1.0,
+                          return_dict=False)  # fmt: skip
+        out = [*down, mid]
+        n = len(out)  # 13 for SD1.5: the last weight is the middle block's, 1 x weight
+        scales = [weight] * n if mode == "Balanced" else [weight * 0.825 ** (n - 1 - i) for i in range(n)]
+        mark = (torch.arange(x.shape[0]) < len(seeds)).float().reshape(-1, 1, 1, 1)
+        rows = mark if mode == "ControlNet is more important" else 1
+        out = [r * s * rows for r, s in zip(out, scales, strict=True)]
+        return {"down_block_additional_residuals": out[:-1], "mid_block_additional_residual": out[-1]}
 
     denoiser = external.CompVisDenoiser(LDM())
     if label == "LCM":
@@ -174,7 +193,8 @@ def reference_run(world: World, label: str, steps: int, seeds: list[int], cfg: f
         elif label == "LCM":
             latents = lcm_sample(cfg_denoiser, x, run_sigmas)
         else:
-            latents = getattr(k, name)(cfg_denoiser, x, run_sigmas, disable=True, **extra, **kwargs)
+            latents = getattr(k, name)(cfg_denoiser, x, run_sigmas, disable=True, **extra, **kwargs,
+                                       callback=lambda d: progress.update(step=d["i"]))  # fmt: skip
     image = world.vae.decode(latents / world.vae.config.scaling_factor).sample
     pixels = (255.0 * torch.clamp((image + 1.0) / 2.0, 0, 1).permute(0, 2, 3, 1).numpy()).astype(np.uint8)
     return latents, pixels

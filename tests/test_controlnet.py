@@ -161,9 +161,51 @@ def test_bad_files_and_settings(world: World, reference, tmp_path) -> None:
         Pipeline(world.ours).txt2img("x", steps=1, control=[unit])
     from sd.params import GenerationParams
 
-    unit = ControlUnit(unit.model, hint_image())
-    with pytest.raises(ValueError, match="ControlNet runs diffusers' way for now"):
-        Pipeline(world.ours).run(GenerationParams("x", steps=1, sampler="Euler", a1111=True), control=[unit])
+    unit = ControlUnit(unit.model, hint_image(), mode="My prompt is more important")
+    with pytest.raises(ValueError, match="control and resize modes are A1111's"):
+        Pipeline(world.ours).txt2img("x", steps=1, control=[unit])
+    with pytest.raises(ValueError, match="guidance start/end with DPM adaptive is not supported yet"):
+        Pipeline(world.ours).run(
+            GenerationParams("x", steps=1, sampler="DPM adaptive", a1111=True, width=64, height=64),
+            control=[ControlUnit(unit.model, hint_image(), end=0.5)],
+        )
+
+
+A1111_CASES = [
+    ("Euler a", "Balanced", 0.0, 1.0),
+    ("DPM++ 2M", "My prompt is more important", 0.2, 0.7),
+    ("Heun", "ControlNet is more important", 0.0, 0.5),
+]
+
+
+@pytest.mark.parametrize(("sampler", "mode", "start", "end"), A1111_CASES)
+def test_a1111_way_equals_the_reference_composition(
+    world: World, reference, monkeypatch, sampler, mode, start, end
+) -> None:
+    """A1111's way with its ControlNet extension's rules against test_a1111's k-diffusion composition with
+    the extension's rules written out there over diffusers' ControlNetModel (its progress from the real
+    k-diffusion step callback)."""
+    from test_a1111 import assert_same, reference_run
+
+    from sd.params import GenerationParams
+
+    controlnet, file, _ = reference
+    hint = torch.from_numpy(np.asarray(hint_image(), np.float32) / 255).permute(2, 0, 1)[None]
+    unit = ControlUnit(load_controlnet(file, world.config.unet), hint_image(), 0.9, start, end, mode)
+    ours = Pipeline(world.ours)
+    params = GenerationParams(
+        "a watercolor painting of a lighthouse at dusk", "blurry, low quality", steps=4, sampler=sampler,
+        cfg_scale=7.0, seed=21, width=SIZE, height=SIZE, a1111=True,
+    )  # fmt: skip
+    seen = []
+    images = ours.run(params, num_images=2, callback=seen.append, control=[unit])
+    latents, pixels = seen[-1].latents, np.stack([np.asarray(i) for i in images])
+    ref = reference_run(
+        world, sampler, 4, [21, 22], 7.0, monkeypatch, control=(controlnet, hint, 0.9, mode, start, end)
+    )
+    assert_same((latents, pixels), ref, f"ControlNet {sampler} {mode} {start}-{end}")
+    plain = reference_run(world, sampler, 4, [21, 22], 7.0, monkeypatch)
+    assert (latents - plain[0]).abs().max() > 1e-3, "the ControlNet changed nothing"
 
 
 def test_cli_controlnet(tmp_path, monkeypatch, capsys) -> None:
@@ -203,9 +245,6 @@ def test_cli_controlnet(tmp_path, monkeypatch, capsys) -> None:
         assert main(["generate", "x", *flags, *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and err.strip().splitlines()[-1].startswith("sd generate: error:"), err
-    assert main(["generate", "x", "--ckpt", "tiny.safetensors", "--controlnet", "cn.safetensors",
-                 "--control-image", "hint.png"]) == 2  # fmt: skip
-    assert "ControlNet runs diffusers' way for now: add --way diffusers" in capsys.readouterr().err
 
 
 def test_every_edit_takes_control_and_v1_files_load(world: World, reference, tmp_path) -> None:

@@ -20,6 +20,10 @@ from PIL import Image
 
 from .model import ControlNet
 
+# A1111's ControlNet extension's names (sd.controlnet.a1111)
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+
 
 @dataclass(frozen=True)
 class ControlUnit:
@@ -31,8 +35,21 @@ class ControlUnit:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    # A1111's way only (its ControlNet extension, sd.controlnet.a1111): control mode and resize mode
+    mode: str = "Balanced"
+    resize_mode: str = "Crop and Resize"
 
-    def check(self) -> None:
+    def check(self, a1111: bool = False) -> None:
+        if self.mode not in CONTROL_MODES:
+            raise ValueError(
+                f"unknown ControlNet control mode {self.mode!r}; one of {', '.join(CONTROL_MODES)}"
+            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(
+                f"unknown ControlNet resize mode {self.resize_mode!r}; one of {', '.join(RESIZE_MODES)}"
+            )
+        if not a1111 and (self.mode, self.resize_mode) != ("Balanced", "Crop and Resize"):
+            raise ValueError("ControlNet control and resize modes are A1111's: use A1111's way (a1111=True)")
         if not 0 <= self.start < self.end <= 1:
             raise ValueError(
                 f"ControlNet start and end must satisfy 0 <= start < end <= 1, got {self.start}, {self.end}"
@@ -83,4 +100,4 @@ class ControlRun:
         return total
 
 
-__all__ = ["ControlRun", "ControlUnit", "hint_tensor"]
+__all__ = ["CONTROL_MODES", "RESIZE_MODES", "ControlRun", "ControlUnit", "hint_tensor"]

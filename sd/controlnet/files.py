@@ -50,7 +50,10 @@ def load_controlnet(path: str | Path, unet: UNetConfig, dtype: torch.dtype | Non
         tensors, _ = read_tensor_file(weights, "ControlNet")
     else:
         tensors, _ = read_tensor_file(path, "ControlNet")
-        options = _yaml_options(path.with_suffix(".yaml"))
+        # the YAML beside it, else the name: A1111's extension pools for shuffle models
+        options = _yaml_options(path.with_suffix(".yaml")) or {
+            "global_average_pooling": "shuffle" in path.stem.lower()
+        }
     state = original_state(tensors, unet, str(path))
     hint_outs = [state[f"{HINT}{i}.weight"].shape[0] for i in range(0, 2 * _hint_convs(state), 2)]
     config = ControlNetConfig(

@@ -199,11 +199,24 @@ class A1111Sampler:
         """Prompt-editing steps: doubled for second-order samplers, as A1111 counts them."""
         return self.steps * 2 if self.spec.second_order else self.steps
 
+    def sampling_steps(self, start: int = 0) -> int:
+        """The steps of a run from sigma `start` as A1111 counts them (launch_sampling: txt2img its steps,
+        img2img t_enc + 1)."""
+        return self.steps - start
+
     def denoiser_steps(self, start: int = 0) -> int:
         """The calls A1111's CFG denoiser expects of a run from sigma `start` (its total_steps, which
-        "Skip Early CFG" is a fraction of): the steps run (t_enc + 1 for img2img), doubled if second-order."""
-        steps = self.steps - start
+        "Skip Early CFG" is a fraction of): the steps run, doubled if second-order."""
+        steps = self.sampling_steps(start)
         return steps * 2 if self.spec.second_order else steps
+
+    def step_of_call(self, call: int) -> int | None:
+        """The step model call `call` belongs to (two a step for second-order samplers, one at the last);
+        None where calls do not map to steps so (DPM fast and adaptive, Restart)."""
+        spec = self.spec
+        if spec.sigma_range or spec.adaptive or spec.count_calls is not None:
+            return None
+        return call // 2 if spec.second_order else call
 
     def img2img_start(self, strength: float) -> int:
         """Index of the first sigma img2img runs from (A1111: t_enc = int(min(strength, 0.999) * steps))."""

@@ -404,9 +404,18 @@ class TimestepsSampler:
         return out
 
     def denoiser_steps(self, start: int = 0, img2img: bool = False) -> int:
-        """The calls A1111's CFG denoiser expects (its total_steps): the steps of txt2img, t_enc + 1 of an
-        img2img run from `start`."""
+        """The calls A1111's CFG denoiser expects (its total_steps), and the steps A1111 counts
+        (launch_sampling): the steps of txt2img, t_enc + 1 of an img2img run from `start`."""
         return len(self.timesteps) - start + 1 if img2img else self.steps
+
+    sampling_steps = denoiser_steps
+
+    def step_of_call(self, call: int) -> int | None:
+        """The step model call `call` belongs to (PLMS calls twice at its first); None for UniPC, whose
+        progress A1111 reports its own way."""
+        if self.spec.unipc:
+            return None
+        return max(call - 1, 0) if self.spec.function is plms else call
 
     def img2img_start(self, strength: float) -> int:
         """`start` of A1111's default img2img (t_enc = int(min(strength, 0.999) * steps))."""
