@@ -106,6 +106,8 @@ class GenerationParams:
     s_min_uncond: float = 0.0
     s_min_uncond_all: bool = False
     tiling: bool = False  # A1111's "Tiling": circular padding, an image that tiles (sd.seamless)
+    # "ControlNet i" values, as A1111's ControlNet extension writes them (sd.controlnet.unit_infotext)
+    controlnet: tuple[str, ...] = ()
     # Inpainting's mask controls (sd.inpaint); None: no mask. The mask itself is in no PNG.
     inpaint: InpaintSettings | None = None
     nine_channel: bool = False  # made with an inpainting U-Net (A1111 writes its conditional mask weight)
@@ -164,6 +166,7 @@ class GenerationParams:
             ("Batch size", self.batch_size if self.batch_size > 1 else None),
             ("Batch pos", self.batch_pos if self.batch_size > 1 else None),
             *(_hires_settings(self) if self.enable_hr else ()),
+            *((f"ControlNet {i}", text) for i, text in enumerate(self.controlnet)),
             ("Lora hashes", self.lora_hashes),
             ("TI hashes", self.ti_hashes),
             # A1111 names a non-default emphasis only where it can matter: a prompt with brackets.

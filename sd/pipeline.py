@@ -35,7 +35,7 @@ from .checkpoints import (
 )
 from .conditioning import COMMA_BACKTRACK, Conditioning, PromptEncoder, condition
 from .config import ScheduleConfig
-from .controlnet import ControlRun, ControlUnit
+from .controlnet import ControlRun, ControlUnit, unit_infotext
 from .decoder import decode_in_tiles
 from .embeddings import Embeddings, load_embedding, ti_hashes
 from .guidance import Guidance
@@ -448,7 +448,8 @@ class Pipeline:
         def model(x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = job.unet_input(x) if job is not None else x
             residuals = control.residuals(x, context, t) if control is not None else None
-            return unet(x_in.to(dtype), context.to(dtype), t, residuals).to(x.dtype)
+            extra = () if residuals is None else (residuals,)  # (a compiled U-Net takes three inputs)
+            return unet(x_in.to(dtype), context.to(dtype), t, *extra).to(x.dtype)
 
         # Grad mode is switched off inside eps() only: a `with` around the yields would leak into the
         # caller's code between steps.
@@ -624,6 +625,8 @@ class Pipeline:
         the VAE's downscale (img2img, as diffusers does)."""
         for unit in control:
             unit.check(params.a1111)
+        if control and not params.controlnet:  # (the server passes its units' own)
+            params = replace(params, controlnet=tuple(unit_infotext(unit) for unit in control))
         if control and hasattr(self.models["diffusion"], "rebind"):
             raise ValueError(
                 "ControlNet needs the torch backend: the OpenVINO U-Net is compiled without its inputs"

@@ -277,3 +277,93 @@ def test_every_edit_takes_control_and_v1_files_load(world: World, reference, tmp
     mask.paste(255, (16, 16, 48, 48))
     inpainted = pipe.inpaint(hint_image(), mask, "a bridge", steps=2, seed=1, control=[unit])[0]
     assert inpainted.size == (SIZE, SIZE)
+
+
+def test_server_runs_a1111_controlnet_units(tmp_path) -> None:
+    """alwayson_scripts' ControlNet units as A1111 clients send them: the model by "stem [hash]" from
+    models/ControlNet, the image as base64; the answer is the Python API's image, then the hint as used,
+    and the infotext has the extension's "ControlNet 0"; bad units are one line."""
+    import base64
+    import io
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from sd.config import TINY
+    from sd.controlnet import legacy_hash
+    from sd.params import GenerationParams
+    from sd.server import Service, make_server
+    from sd.testing import random_models
+
+    folder = tmp_path / "models" / "ControlNet"
+    folder.mkdir(parents=True)
+    torch.manual_seed(2)
+    state = ControlNet(ControlNetConfig(TINY.unet)).state_dict()
+    save_file(
+        {CONTROLNET_PREFIX + k: v for k, v in state.items()},
+        str(folder / "control_v11p_sd15_canny.safetensors"),
+    )
+    name = f"control_v11p_sd15_canny [{legacy_hash(folder / 'control_v11p_sd15_canny.safetensors')}]"
+    pipe = Pipeline(random_models(TINY), model_name="tiny", model_hash="0123456789")
+    server = make_server(Service(pipe, models_dir=tmp_path / "models"), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def call(path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + path, data=data), timeout=60) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    buffer = io.BytesIO()
+    hint_image().save(buffer, "PNG")
+    unit = {"enabled": True, "image": base64.b64encode(buffer.getvalue()).decode(), "module": "none",
+            "model": name, "weight": 0.8, "guidance_end": 0.7, "control_mode": "My prompt is more important",
+            "pixel_perfect": False, "processor_res": -1, "threshold_a": -1, "threshold_b": -1}  # fmt: skip
+    request = {
+        "prompt": "a bridge",
+        "seed": 3,
+        "steps": 4,
+        "sampler_name": "Euler a",
+        "width": SIZE,
+        "height": SIZE,
+        "alwayson_scripts": {"ControlNet": {"args": [unit, {"enabled": False}]}},
+    }
+    try:
+        assert call("/controlnet/model_list") == (200, {"model_list": [name]})
+        status, answer = call("/sdapi/v1/txt2img", request)
+        assert status == 200, answer
+        images = [Image.open(io.BytesIO(base64.b64decode(d))) for d in answer["images"]]
+        model = load_controlnet(folder / "control_v11p_sd15_canny.safetensors", TINY.unet)
+        control = ControlUnit(model, hint_image(), 0.8, 0.0, 0.7, "My prompt is more important")
+        params = GenerationParams("a bridge", steps=4, sampler="Euler a", cfg_scale=7.0, seed=3, width=SIZE,
+                                  height=SIZE, a1111=True)  # fmt: skip
+        expected = pipe.run(params, control=[control])[0]
+        assert len(images) == 2 and np.array_equal(np.asarray(images[0].convert("RGB")), np.asarray(expected))
+        assert np.array_equal(np.asarray(images[1].convert("RGB")), np.asarray(hint_image()))  # the map
+        text = images[0].info["parameters"]
+        assert (f'ControlNet 0: "Module: none, Model: {name}, Weight: 0.8, Resize Mode: Crop and Resize, '
+                "Processor Res: 512, Threshold A: 0.5, Threshold B: 0.5, Guidance Start: 0.0, "
+                "Guidance End: 0.7, Pixel Perfect: False, "
+                'Control Mode: My prompt is more important"') in text  # fmt: skip
+        assert text == expected.info["parameters"]
+        for change, message in [
+            ({"model": "control_v11p_sd15_canny [00000000]"}, "not found"),
+            ({"module": "canny"}, "preprocessor 'canny' is not available here"),
+            ({"weight": 3}, "weight must be a number in [0, 2]"),
+            ({"control_mode": "Loud"}, "control_mode 'Loud'"),
+            ({"image": None}, "has no image (and this is txt2img)"),
+        ]:
+            bad = {**request, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}}
+            status, answer = call("/sdapi/v1/txt2img", bad)
+            assert status == 400 and message in answer["detail"], (change, answer)
+        status, answer = call(
+            "/sdapi/v1/txt2img", {**request, "alwayson_scripts": {"ADetailer": {"args": [{}]}}}
+        )
+        assert status == 400 and "'ADetailer' is not available here" in answer["detail"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -2,8 +2,8 @@
 files people download (sd.controlnet.files), applied during sampling (sd.controlnet.apply)."""
 
 from .a1111 import A1111ControlRun
-from .apply import CONTROL_MODES, RESIZE_MODES, ControlRun, ControlUnit, hint_tensor
-from .files import ControlNetFileError, load_controlnet
+from .apply import CONTROL_MODES, RESIZE_MODES, ControlRun, ControlUnit, hint_tensor, unit_infotext
+from .files import ControlNetFileError, legacy_hash, load_controlnet
 from .model import ControlNet, ControlNetConfig
 
 __all__ = [
@@ -16,5 +16,7 @@ __all__ = [
     "ControlRun",
     "ControlUnit",
     "hint_tensor",
+    "legacy_hash",
     "load_controlnet",
+    "unit_infotext",
 ]

@@ -58,6 +58,17 @@ class ControlUnit:
             raise ValueError(f"ControlNet scale must be a number >= 0, got {self.scale}")
 
 
+def unit_infotext(unit: ControlUnit) -> str:
+    """The value A1111's ControlNet extension writes as "ControlNet i" for a unit with no preprocessor."""
+    fields = [
+        ("Module", "none"), ("Model", unit.model.name), ("Weight", float(unit.scale)),
+        ("Resize Mode", unit.resize_mode), ("Processor Res", 512), ("Threshold A", 0.5), ("Threshold B", 0.5),
+        ("Guidance Start", float(unit.start)), ("Guidance End", float(unit.end)), ("Pixel Perfect", False),
+        ("Control Mode", unit.mode),
+    ]  # fmt: skip
+    return ", ".join(f"{k}: {v}" for k, v in fields)
+
+
 def hint_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     """(1, 3, height, width) in [0, 1]: the image in RGB, Lanczos-resized (diffusers' control processor)."""
     image = image.convert("RGB")
@@ -100,4 +111,4 @@ class ControlRun:
         return total
 
 
-__all__ = ["CONTROL_MODES", "RESIZE_MODES", "ControlRun", "ControlUnit", "hint_tensor"]
+__all__ = ["CONTROL_MODES", "RESIZE_MODES", "ControlRun", "ControlUnit", "hint_tensor", "unit_infotext"]

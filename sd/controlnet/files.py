@@ -14,6 +14,7 @@ checked against the file's shapes; the hint encoder's widths and the input chann
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import replace
@@ -74,7 +75,16 @@ def load_controlnet(path: str | Path, unet: UNetConfig, dtype: torch.dtype | Non
         )
     dtype = dtype or torch.float32
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    model.name = path.name if path.is_dir() else f"{path.stem} [{legacy_hash(path)}]"  # as A1111 lists it
     return model.eval().requires_grad_(False)
+
+
+def legacy_hash(path: str | Path) -> str:
+    """A1111's old short hash, which its ControlNet extension shows in brackets ("control_v11p_sd15_canny
+    [d14c016b]"): the sha256 of the 64 KiB at 1 MiB, 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 def original_state(tensors: dict[str, torch.Tensor], unet: UNetConfig, name: str) -> dict[str, torch.Tensor]:

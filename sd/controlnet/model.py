@@ -52,6 +52,7 @@ class ControlNet(nn.Module):
     def __init__(self, config: ControlNetConfig):
         super().__init__()
         self.config = config
+        self.name = "None"  # how A1111 names it ("stem [hash]"), set by load_controlnet
         unet = config.unet
         self.time_embed = time_embed_mlp(unet)
         self.input_hint_block = hint_encoder(config)

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
 
-from . import extras, models
+from . import controlnet, extras, models
 from .catalog import memory
 from .parse import BadRequestError, parse_request, png_info
 from .service import Service
@@ -219,7 +219,8 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
 
     async def generate(body: models._Processing, request: Request, img2img: bool) -> dict[str, Any]:
         sent = body.model_dump(exclude_unset=True)
-        parsed = await run_in_threadpool(parse_request, sent, img2img, service.way, dict(service.options))
+        parsed = await run_in_threadpool(parse_request, sent, img2img, service.way, dict(service.options),
+                                         service.controlnet_dir())  # fmt: skip
         job = service.submit(parsed, "img2img" if img2img else "txt2img")
         waiter = asyncio.wrap_future(job.future)
         try:
@@ -319,6 +320,15 @@ def make_app(service: Service, cors_origins: list[str] | None = None, cors_regex
         "/sdapi/v1/extensions": (list, list[dict[str, Any]]),
         "/sdapi/v1/sd-modules": (list, list[dict[str, Any]]),
     }  # fmt: skip
+    # A1111's ControlNet extension's listings (its units: sd.server.controlnet)
+    listings.update({
+        "/controlnet/version": (lambda: {"version": 3}, dict[str, Any]),
+        "/controlnet/model_list": (lambda: {"model_list": controlnet.model_list(service.controlnet_dir())},
+                                   dict[str, Any]),
+        "/controlnet/module_list": (lambda: {"module_list": ["none"], "module_detail": {"none": {
+            "model_free": False, "sliders": []}}}, dict[str, Any]),
+        "/controlnet/settings": (lambda: {"control_net_unit_count": 3}, dict[str, Any]),
+    })  # fmt: skip
     for path, (function, shape) in listings.items():
         app.add_api_route(path, _listing(function), methods=["GET"], response_model=shape, tags=["listings"],
                           name=path.rsplit("/", 1)[1])  # fmt: skip

@@ -15,6 +15,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -38,6 +39,7 @@ from ..pipeline import (
 from ..prompts import check_prompt
 from ..samplers import ALIASES
 from ..samplers.sigmas import SCHEDULE_TYPES, schedule_type
+from .controlnet import ControlSpec, UnitError, parse_units
 
 MAX_IMAGES = 16  # batch_size x n_iter per request
 MAX_PROMPT_CHARS = 32768  # ~100 chunks of 75 tokens: far beyond any real prompt, and cheap to encode
@@ -92,7 +94,6 @@ UNSUPPORTED_YET = {
     "latent_mask": "a separate latent mask",
     "restore_faces": "face restoration",
     "refiner_checkpoint": "a refiner",
-    "alwayson_scripts": "scripts (e.g. ControlNet)",
     "disable_extra_networks": "disable_extra_networks",
     "firstpass_image": "a given hires first pass",
     "hr_checkpoint_name": "another checkpoint for the hires pass",
@@ -147,6 +148,7 @@ class Request:
     task_id: str | None = None
     checkpoint: str | None = None  # override_settings' sd_model_checkpoint, for this job
     vae: str | None = None  # override_settings' sd_vae, for this job
+    control: tuple[ControlSpec, ...] = ()  # ControlNet units of alwayson_scripts (sd.server.controlnet)
     restore: bool = True  # override_settings_restore_afterwards
     comma_backtrack: int | None = None
 
@@ -254,12 +256,17 @@ def _from_infotext(body: dict[str, Any], text: str) -> dict[str, Any]:
 
 
 def parse_request(
-    body: dict[str, Any], img2img: bool, way: str = "a1111", options: dict[str, Any] | None = None
+    body: dict[str, Any],
+    img2img: bool,
+    way: str = "a1111",
+    options: dict[str, Any] | None = None,
+    controlnet_dir: Path | None = None,
 ) -> Request:
     """Check every field before any work: a BadRequestError names the first problem.
 
     `body`: the fields the client sent (null ones count as absent); `way`: the server's default, which a
-    request's own "way" overrides; `options`: the server's options that were set (POST /options)."""
+    request's own "way" overrides; `options`: the server's options that were set (POST /options);
+    `controlnet_dir`: where the ControlNet units' models are (A1111's models/ControlNet)."""
     if not isinstance(body, dict):
         raise BadRequestError("the request body must be a JSON object")
     same_checkpoint = str(body.get("hr_checkpoint_name", "")).lower() in ("", "use same checkpoint")
@@ -370,14 +377,24 @@ def parse_request(
             check_source(params.rng)
     except ValueError as error:
         raise BadRequestError(str(error)) from None
+    original = None
     if img2img:  # decoding last: cheap checks first
         image, mask = decode_image(images[0], "init_images[0]"), None
+        original = image
         if masked:
             mask = decode_image(body["mask"], "mask")
         if not (masked and params.inpaint.inpaint_full_res):  # "only masked" crops the image as it is
             image = _resize(image, resize_mode, params.width, params.height)
             mask = mask and _resize(mask, resize_mode, params.width, params.height)
         request = replace(request, image=image, mask=mask)
+    try:
+        units, harmless = parse_units(body.get("alwayson_scripts"), decode_image, original, controlnet_dir)
+    except UnitError as error:
+        raise BadRequestError(str(error)) from None
+    if units:
+        params = replace(request.params, controlnet=tuple(unit.infotext for unit in units))
+        request = replace(request, params=params, control=tuple(units),
+                          ignored=tuple(sorted({*request.ignored, *harmless})))  # fmt: skip
     return request
 
 

@@ -19,8 +19,11 @@ from typing import Any
 
 from PIL import Image
 
+from ..controlnet import ControlUnit, load_controlnet
+from ..controlnet.a1111 import fit_hint, hint_array
 from ..hires import LATENT_UPSCALE_MODES
 from ..images import save_png
+from ..models import dtype_of
 from ..params import GenerationParams
 from ..pipeline import Pipeline, model_calls
 from ..samplers import ALIASES, SAMPLERS
@@ -59,6 +62,7 @@ class Service:
         self.loader = loader or (lambda path: Pipeline.from_checkpoint(path))
         self.flags = flags or {}
         self.options: dict[str, Any] = {}  # A1111 options set by POST /options (defaults elsewhere)
+        self._controlnets: dict[Path, Any] = {}  # the latest ControlNet models read, by file
         self.queue = JobQueue()
 
     def close(self) -> None:
@@ -113,6 +117,7 @@ class Service:
         images: list[Image.Image] = []
         seeds: list[int] = []
         subseeds: list[int] = []
+        control = self._control_units(request)
         try:
             for iteration in range(request.n_iter):
                 if job.interrupted.is_set():
@@ -121,7 +126,7 @@ class Service:
                 params = _batch_params(request, iteration)
                 try:
                     batch = pipe.run(params, request.image, request.batch_size, request.eta, progress,
-                                     mask=request.mask)  # fmt: skip
+                                     mask=request.mask, control=control)  # fmt: skip
                 except JobInterruptedError as stop:  # A1111 keeps what the sampler had reached
                     if job.abandoned or stop.latents is None:
                         break
@@ -135,7 +140,28 @@ class Service:
         finally:
             log.removeHandler(warnings)
             pipe.comma_backtrack = backtrack
-        return self._answer(job, request, images, seeds, subseeds, warnings.messages)
+        answer = self._answer(job, request, images, seeds, subseeds, warnings.messages)
+        if images and request.send_images:  # A1111's ControlNet extension: each unit's hint as used, after
+            answer["images"] += [_png_base64(m) for m in detected_maps(request, images[0].size)]
+        return answer
+
+    def controlnet_dir(self) -> Path | None:
+        """Where ControlNet units' models are: <models folder>/ControlNet (A1111's models/ControlNet)."""
+        return None if self.models_dir is None else self.models_dir / "ControlNet"
+
+    def _control_units(self, request: Request) -> list[ControlUnit]:
+        """The request's ControlNet units with their models read (the latest ones kept for the next job)."""
+        if not request.control:
+            return []
+        dtype = dtype_of(self.pipe.models["diffusion"])
+        wanted = {spec.path for spec in request.control}
+        self._controlnets = {p: m for p, m in self._controlnets.items() if p in wanted}  # free the others
+        for path in wanted - set(self._controlnets):
+            self._controlnets[path] = load_controlnet(path, self.pipe.config.unet, dtype)
+        return [
+            ControlUnit(self._controlnets[s.path], s.image, s.weight, s.start, s.end, s.mode, s.resize_mode)
+            for s in request.control
+        ]
 
     def _partial(self, params: GenerationParams, latents, count: int) -> list[Image.Image]:
         """Images of an interrupted batch: its latest clean-image prediction, decoded with the batch's
@@ -421,6 +447,21 @@ class Service:
 
     def cmd_flags(self) -> dict[str, Any]:
         return {"api": True, "nowebui": False, **self.flags}
+
+
+def detected_maps(request: Request, size: tuple[int, int]) -> list[Image.Image]:
+    """The hints as the units used them, at the image's size (and, with the hires fix, the first pass's
+    after the final one), for the units that keep them (save_detected_map)."""
+    params = request.params
+    sizes = [size]
+    if params.enable_hr:
+        sizes.append((params.width, params.height))
+    return [
+        Image.fromarray(fit_hint(hint_array(spec.image), width, height, spec.resize_mode))
+        for spec in request.control
+        if spec.save_map
+        for width, height in sizes
+    ]
 
 
 def _state(job: Job | None, waiting: int) -> dict[str, Any]:
