@@ -106,8 +106,7 @@ def sample_a1111(
         residuals = control.residuals(scaled, context, ts, guidance.cond_rows) if control else None
         if job is not None:
             scaled = job.unet_input(scaled)
-        out = (unet(scaled.to(dtype), context.to(dtype), ts) if residuals is None
-               else unet(scaled.to(dtype), context.to(dtype), ts, residuals)).to(x_in.dtype)  # fmt: skip
+        out = unet(scaled.to(dtype), context.to(dtype), ts, residuals).to(x_in.dtype)
         if lcm:
             return lcm_denoised(x_in, x_in + out * -sigma, t)
         if v_prediction:
@@ -202,8 +201,7 @@ def _sample_timesteps(
         ts = t.expand(x_in.shape[0])
         residuals = control.residuals(x_in, context, ts, guidance.cond_rows) if control else None
         x_unet = job.unet_input(x_in) if job is not None else x_in
-        out = (unet(x_unet.to(dtype), context.to(dtype), ts) if residuals is None
-               else unet(x_unet.to(dtype), context.to(dtype), ts, residuals)).to(x_in.dtype)  # fmt: skip
+        out = unet(x_unet.to(dtype), context.to(dtype), ts, residuals).to(x_in.dtype)
         if v_prediction:  # A1111's CompVisTimestepsVDenoiser, at the truncated timestep
             a = alphas[t.long()].to(x_in)
             return a.sqrt() * out + (1 - a).sqrt() * x_in

@@ -448,8 +448,7 @@ class Pipeline:
         def model(x: torch.Tensor, context: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = job.unet_input(x) if job is not None else x
             residuals = control.residuals(x, context, t) if control is not None else None
-            extra = () if residuals is None else (residuals,)  # (a compiled U-Net takes three inputs)
-            return unet(x_in.to(dtype), context.to(dtype), t, *extra).to(x.dtype)
+            return unet(x_in.to(dtype), context.to(dtype), t, residuals).to(x.dtype)
 
         # Grad mode is switched off inside eps() only: a `with` around the yields would leak into the
         # caller's code between steps.

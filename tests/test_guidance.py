@@ -123,9 +123,9 @@ def contexts_seen(pipe: Pipeline, **kwargs) -> list[torch.Tensor]:
     unet = pipe.models["diffusion"]
     original = unet.forward
 
-    def record(latents, context, timestep):
+    def record(latents, context, timestep, control=None):
         seen.append(context.clone())
-        return original(latents, context, timestep)
+        return original(latents, context, timestep, control)
 
     unet.forward = record
     try:

@@ -369,9 +369,18 @@ class OpenVINODiffusion(OpenVINOModule):
         return _UNetGraph(self.module)
 
     def __call__(
-        self, latents: torch.Tensor, context: torch.Tensor, timestep: torch.Tensor | float | int
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        control: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """latents (B, 4, h, w), context (B, 77, width), timestep scalar or (B,) -> noise (B, 4, h, w)."""
+        """latents (B, 4, h, w), context (B, 77, width), timestep scalar or (B,) -> noise (B, 4, h, w);
+        `control` as Diffusion.forward's, which the compiled graph has no input for (None only)."""
+        if control is not None:
+            raise ValueError(
+                "ControlNet needs the torch backend: the OpenVINO U-Net is compiled without its inputs"
+            )
         t = torch.as_tensor(timestep).reshape(-1).expand(latents.shape[0])
         features = timestep_embedding(t, self.config.model_channels)  # fp32, see _UNetGraph
         return self._run([latents.float(), context.float(), features])[0]
