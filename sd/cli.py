@@ -73,6 +73,7 @@ GENERATE_DEFAULTS = dict(
     rng="GPU",
     ensd=0,
 )
+VAE_TILING = {"auto": None, "on": True, "off": False}  # --vae-tiling -> Pipeline.vae_tiling
 # Each way's own defaults: A1111's UI (DPM++ 2M, Automatic = Karras, 20 steps, CFG 7) and diffusers'.
 WAY_DEFAULTS = {
     "a1111": dict(steps=20, cfg=7.0, sampler="DPM++ 2M"),
@@ -455,7 +456,7 @@ def load_pipeline(args: argparse.Namespace, vae: Path | None = None):
     vae = vae or vae_option(args)
     if vae is not None:
         pipe.set_vae(vae)
-    pipe.vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
+    pipe.vae_tiling = VAE_TILING[args.vae_tiling]
     return pipe
 
 
@@ -493,8 +494,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_settings(params.steps, params.cfg_scale, params.strength)
     check_uncond_skips(params)
     if params.tiling:
-        vae_tiling = {"auto": None, "on": True, "off": False}[args.vae_tiling]
-        check_tiling(params, vae_tiling, compiled=args.backend == "openvino")
+        check_tiling(params, VAE_TILING[args.vae_tiling], compiled=args.backend == "openvino")
     check_prompt(params.prompt, params.steps)
     check_prompt(params.negative_prompt, params.steps)
     total = model_calls(params, SD15.schedule)  # also refuses a strength that leaves no steps

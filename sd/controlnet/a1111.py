@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .apply import CONTROL_MODES, ControlUnit
+from .apply import CONTROL_MODES, ControlUnit, add_residuals, pixels_to_hint, unit_residuals
 
 log = logging.getLogger("sd")
 
@@ -121,11 +121,7 @@ class A1111ControlRun:
     ):
         self.units = units
         self.hints = [
-            torch.from_numpy(
-                fit_hint(hint_array(u.image), width, height, u.resize_mode).astype(np.float32) / 255.0
-            )
-            .permute(2, 0, 1)[None]
-            .to(device)
+            pixels_to_hint(fit_hint(hint_array(u.image), width, height, u.resize_mode)).to(device)
             for u in units
         ]
         self.steps, self.step_of_call = steps, step_of_call
@@ -146,15 +142,12 @@ class A1111ControlRun:
         for unit, hint, active in zip(self.units, self.hints, self.active, strict=True):
             if not active:
                 continue
-            model = unit.model
-            dtype = next(model.parameters()).dtype
-            out = model(x.to(dtype), hint.to(dtype).expand(x.shape[0], -1, -1, -1), context.to(dtype), t)
-            pooled = model.config.global_average_pooling
-            if unit.mode == CONTROL_MODES[2] or pooled:
+            out = unit_residuals(unit, hint, x, context, t)
+            if unit.mode == CONTROL_MODES[2] or unit.model.config.global_average_pooling:
                 mark = rows.to(out[0]).reshape(-1, 1, 1, 1)
                 out = [r * mark for r in out]
             out = [r * s for r, s in zip(out, layer_scales(unit, len(out)), strict=True)]  # (pooled: already)
-            total = out if total is None else [a + b for a, b in zip(total, out, strict=True)]
+            total = add_residuals(total, out)
         return total
 
 

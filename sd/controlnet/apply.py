@@ -74,8 +74,25 @@ def hint_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
     image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
-    return pixels.permute(2, 0, 1)[None]
+    return pixels_to_hint(np.asarray(image))
+
+
+def pixels_to_hint(pixels: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> the (1, 3, H, W) hint in [0, 1] a ControlNet takes."""
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+
+
+def unit_residuals(
+    unit: ControlUnit, hint: torch.Tensor, x: torch.Tensor, context: torch.Tensor, t: torch.Tensor
+) -> list[torch.Tensor]:
+    """The unit's ControlNet on a U-Net batch, in its own dtype, the hint on every row (unscaled)."""
+    dtype = next(unit.model.parameters()).dtype
+    return unit.model(x.to(dtype), hint.to(dtype).expand(x.shape[0], -1, -1, -1), context.to(dtype), t)
+
+
+def add_residuals(total: list[torch.Tensor] | None, more: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Several units' residuals add up (diffusers' MultiControlNetModel, A1111's extension)."""
+    return more if total is None else [a + b for a, b in zip(total, more, strict=True)]
 
 
 class ControlRun:
@@ -102,13 +119,12 @@ class ControlRun:
         for unit, hint, scale in zip(self.units, self.hints, self.scales, strict=True):
             if scale == 0:
                 continue
-            model = unit.model
-            dtype = next(model.parameters()).dtype
-            hint_rows = hint.to(dtype).expand(x.shape[0], -1, -1, -1)
-            out = model(x.to(dtype), hint_rows, context.to(dtype), t)
-            out = [r * scale for r in out]
-            total = out if total is None else [a + b for a, b in zip(total, out, strict=True)]
+            out = [r * scale for r in unit_residuals(unit, hint, x, context, t)]
+            total = add_residuals(total, out)
         return total
 
 
-__all__ = ["CONTROL_MODES", "RESIZE_MODES", "ControlRun", "ControlUnit", "hint_tensor", "unit_infotext"]
+__all__ = [
+    "CONTROL_MODES", "RESIZE_MODES", "ControlRun", "ControlUnit", "add_residuals", "hint_tensor",
+    "pixels_to_hint", "unit_infotext", "unit_residuals",
+]  # fmt: skip
